@@ -1,0 +1,35 @@
+# One entry point for a fresh machine: `make test` and `make demo` build .venv on first use, then reuse it.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: test demo env lint bench clean-env
+
+env: $(INSTALLED)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# learn2learn needs torch present and a source rebuild on Python 3.11 (scripts/install_learn2learn.sh).
+$(VENV)/.learn2learn: $(PY) constraints.txt scripts/install_learn2learn.sh
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	bash scripts/install_learn2learn.sh $(PY)
+	touch $@
+
+$(INSTALLED): $(VENV)/.learn2learn pyproject.toml
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,plots]"
+	touch $@
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q
+
+demo: $(INSTALLED)
+	$(PY) -m fewshot_lkca.demo
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check fewshot_lkca tests benchmarks
+
+clean-env:
+	rm -rf $(VENV)
