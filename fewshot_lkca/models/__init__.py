@@ -1,0 +1,9 @@
+"""Backbones registered with timm on import."""
+from .factory import create_backbone, list_backbones
+from .lkca_mobilenet import MIN_INPUT_SIZE, BlockSpec, LKCABlock, LKCAMobileNet
+from .transplant import TransplantReport, mobilenetv3_to_lkca
+
+__all__ = [
+    'create_backbone', 'list_backbones', 'MIN_INPUT_SIZE', 'BlockSpec', 'LKCABlock', 'LKCAMobileNet',
+    'TransplantReport', 'mobilenetv3_to_lkca',
+]
