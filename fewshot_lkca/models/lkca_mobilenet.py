@@ -274,20 +274,24 @@ class LKCAMobileNet(nn.Module):
             raise ValueError(f'input {tuple(x.shape[-2:])} is too small to downsample 32x: '
                              f'use at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px')
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+    @torch.jit.ignore
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return stage(x)
+        for block in stage:
             needs_grad = x.requires_grad or any(p.requires_grad for p in block.parameters())
-            if needs_grad:
-                return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            x = checkpoint(block, x, use_reentrant=False) if needs_grad else block(x)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self._check_input(x)
         x = self.bn1(self.conv_stem(x))
-        for stage in self.blocks:
-            for block in stage:
-                x = self._run_block(block, x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for stage in self.blocks:
+                x = self._run_stage(stage, x)
+        else:
+            x = self.blocks(x)
         return x
 
     def forward_intermediates(
@@ -312,8 +316,7 @@ class LKCAMobileNet(nn.Module):
         for stage_idx, stage in enumerate(self.blocks):
             if stop_early and intermediates_only and len(intermediates) == len(take):
                 break
-            for block in stage:
-                x = self._run_block(block, x)
+            x = self._run_stage(stage, x)
             if f'blocks.{stage_idx}' in wanted:
                 intermediates.append(x)
             if stop_early and intermediates_only and f'blocks.{stage_idx}' == last_wanted:

@@ -1,0 +1,129 @@
+"""The operators: LKCA, its 3x3 baseline, coordinate attention, SCConv."""
+import pytest
+import torch
+from torch import nn
+
+from fewshot_lkca.layers import CRU, LKCA, SRU, CoordAttention, DepthwiseSeparable3x3, SCConv, create_block_attn
+
+
+class _DeadAttention(nn.Module):
+    """An attention that has collapsed: every gate 0."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def test_lkca_is_the_designed_operator():
+    op = LKCA(64)
+    dw = op.conv_dw
+    assert (dw.kernel_size, dw.groups, dw.padding, dw.bias) == ((5, 5), 64, (2, 2), None)
+    assert op.conv_pw.kernel_size == (1, 1)
+    assert isinstance(op.bn1, nn.BatchNorm2d) and isinstance(op.bn1.act, nn.Hardswish)
+    ca = op.attn
+    assert isinstance(ca, CoordAttention)
+    assert ca.conv1.out_channels == 8  # max(8, 64 // 16)
+    assert isinstance(ca.bn1, nn.GroupNorm) and ca.bn1.num_groups == 1
+    assert isinstance(ca.act, nn.Hardswish)
+    assert LKCA(512).attn.conv1.out_channels == 32  # 512 // 16
+    assert op.has_skip
+
+
+def test_lkca_forced_residual_degrades_to_identity_when_attention_dies():
+    op = LKCA(16).eval()
+    op.attn = _DeadAttention()
+    x = torch.randn(2, 16, 12, 12)
+    torch.testing.assert_close(op(x), x)
+
+
+def test_lkca_strides_and_changes_width_without_residual():
+    op = LKCA(16, 32, stride=2).eval()
+    assert not op.has_skip
+    assert op(torch.randn(1, 16, 15, 15)).shape == (1, 32, 8, 8)
+    with pytest.raises(ValueError, match='stride'):
+        LKCA(16, stride=3)
+
+
+def test_dw3_baseline_is_the_same_operator_without_attention():
+    base = DepthwiseSeparable3x3(32)
+    assert base.conv_dw.kernel_size == (3, 3) and base.conv_dw.padding == (1, 1)
+    assert isinstance(base.attn, nn.Identity)
+    lk = LKCA(32)
+    lk_params = sum(p.numel() for n, p in lk.named_parameters() if not n.startswith('attn'))
+    base_params = sum(p.numel() for p in base.parameters())
+    assert lk_params - base_params == 32 * (25 - 9)  # only the kernel differs
+
+
+def test_coord_attention_starts_as_scaled_pass_through():
+    ca = CoordAttention(32, init_gate=0.8)
+    x = torch.randn(2, 32, 7, 9)
+    torch.testing.assert_close(ca(x), 0.8 * x)
+
+
+def _randomise(module):
+    torch.manual_seed(0)
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.5)
+    return module
+
+
+def test_coord_attention_keeps_position_that_se_loses():
+    """Same channel means, different layout: SE gates (global pool) cannot tell them apart; CA gates can."""
+    ca = _randomise(CoordAttention(8)).eval()
+    se = _randomise(create_block_attn('se', 8)).eval()
+    a = torch.zeros(1, 8, 6, 6)
+    a[..., :3, :] = 1.0  # blob on top
+    b = torch.flip(a, dims=[2])  # same blob at the bottom: identical global mean
+    gate = lambda m, x: m(x + 1e-3) / (x + 1e-3)  # noqa: E731
+    torch.testing.assert_close(gate(se, a).mean((2, 3)), gate(se, b).mean((2, 3)))
+    # the CA gates follow the blob: gating of the top rows differs between a and b
+    assert (gate(ca, a)[..., :3, :] - gate(ca, b)[..., :3, :]).abs().max() > 1e-3
+
+
+def test_coord_attention_groupnorm_is_batch_size_independent():
+    x = torch.randn(2, 16, 8, 8)
+    gn = _randomise(CoordAttention(16, norm='gn')).train()
+    torch.testing.assert_close(gn(x)[:1], gn(x[:1]))
+    bn = _randomise(CoordAttention(16, norm='bn')).train()
+    assert not torch.allclose(bn(x)[:1], bn(x[:1]), atol=1e-4)
+
+
+def test_coord_attention_rejects_unknown_norm():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        CoordAttention(16, norm='ln')
+
+
+def test_sru_matches_paper_equations():
+    sru = SRU(8, max_groups=4)
+    assert torch.equal(sru.gn.weight, torch.ones(8)) and torch.equal(sru.gn.bias, torch.zeros(8))  # GroupNorm's init
+    x = torch.randn(2, 8, 5, 5)
+    # gamma = 1: W_gamma = 1/C > 0, so sigmoid(GN(x) * W_gamma) >= 0.5 exactly where GN(x) >= 0
+    w1 = (nn.functional.group_norm(x, 4) >= 0).float()
+    x1, x2 = w1 * x, (1 - w1) * x
+    expected = torch.cat([x1[:, :4] + x2[:, 4:], x2[:, :4] + x1[:, 4:]], dim=1)
+    torch.testing.assert_close(sru(x), expected)
+
+
+def test_cru_fuses_branches_with_a_per_channel_softmax():
+    cru = _randomise(CRU(16))
+    x = torch.randn(2, 16, 6, 6)
+    up, low = cru.squeeze_up(x[:, :8]), cru.squeeze_low(x[:, 8:])
+    y1 = cru.gwc(up) + cru.pwc1(up)
+    y2 = torch.cat([cru.pwc2(low), low], 1)
+    s1, s2 = y1.mean((2, 3), keepdim=True), y2.mean((2, 3), keepdim=True)
+    b1 = s1.exp() / (s1.exp() + s2.exp())
+    torch.testing.assert_close(cru(x), b1 * y1 + (1 - b1) * y2)
+    assert cru.gwc.groups == 2 and cru.gwc.in_channels == 4 and cru.pwc2.out_channels == 12
+
+
+def test_scconv_shapes_and_bad_channel_counts():
+    assert SCConv(24)(torch.randn(1, 24, 9, 9)).shape == (1, 24, 9, 9)
+    with pytest.raises(ValueError, match='even channel count'):
+        SCConv(7)
+    with pytest.raises(ValueError, match='CRU cannot split'):
+        CRU(6)
+
+
+def test_block_attention_factory_rejects_unknown_names():
+    assert isinstance(create_block_attn(None, 8), nn.Identity)
+    with pytest.raises(ValueError, match="Unknown attention 'cbam'"):
+        create_block_attn('cbam', 8)
