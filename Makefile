@@ -26,7 +26,12 @@ test: $(INSTALLED)
 	$(PY) -m pytest -q
 
 demo: $(INSTALLED)
-	$(PY) -m fewshot_lkca.demo
+	$(PY) -m fewshot_lkca.smoke
+
+# Benchmarks print Markdown tables for the README (minutes each; see README "Evidence").
+bench: $(INSTALLED)
+	$(PY) -m benchmarks.backbones --onnx --out benchmarks/results/backbones.json
+	$(PY) -m benchmarks.feature_survival
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check fewshot_lkca tests benchmarks

@@ -180,6 +180,8 @@ def test_bad_inputs_get_clear_errors():
         model(torch.randn(1, 3, 16, 64))
     with pytest.raises(ValueError, match='in_chans'):
         timm.create_model('lkca_mobilenet', in_chans=0)
+    with pytest.raises(ValueError, match='pad_type'):
+        timm.create_model('lkca_mobilenet', pad_type='valid')
     with pytest.raises(BackboneError, match="unknown model 'lkca_mobilnet'; did you mean 'lkca_mobilenet'"):
         fewshot_lkca.create_backbone('lkca_mobilnet')
     with pytest.raises(BackboneError, match='weights file not found'):
@@ -209,15 +211,20 @@ def _reference_mnv3(state_dict=None):
     return ref
 
 
-def test_transplant_is_exact_where_the_architectures_agree():
-    """SE twin + 3x3 kernels zero-padded to 5x5 must compute exactly what MobileNetV3 computes."""
+@pytest.mark.parametrize('source, pad_type', [('mobilenetv3_small_100', ''), ('tf_mobilenetv3_small_100', 'same')])
+def test_transplant_is_exact_where_the_architectures_agree(source, pad_type):
+    """SE twin + 3x3 kernels zero-padded to 5x5 must compute exactly what MobileNetV3 computes.
+
+    With symmetric padding it matches timm's MobileNetV3 with symmetric padding; with ``pad_type='same'`` it matches
+    the TensorFlow-padded `tf_` model the published weights come from.
+    """
     torch.manual_seed(0)
-    ref = _reference_mnv3()
+    ref = timm.create_model(source, bn_eps=1e-3).eval()
     for m in ref.modules():  # non-trivial BN statistics so that a mis-mapped norm shows
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 2.0)
-    model = timm.create_model('lkca_mobilenet_se').eval()
+    model = timm.create_model('lkca_mobilenet_se', pad_type=pad_type).eval()
     model.load_state_dict(mobilenetv3_to_lkca(ref.state_dict(), model))
     assert len(model.transplant_report.padded) == 3 and not model.transplant_report.fresh
     x = torch.randn(2, 3, 96, 96)

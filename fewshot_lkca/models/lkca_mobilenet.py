@@ -91,6 +91,7 @@ class LKCABlock(nn.Module):
             attn_layer: str | None = 'ca',
             bn_eps: float = 1e-3,
             drop_path_rate: float = 0.0,
+            pad_type: str = '',
     ):
         super().__init__()
         mid_chs = make_divisible(in_chs * exp_ratio) if exp_ratio != 1.0 else in_chs
@@ -101,7 +102,8 @@ class LKCABlock(nn.Module):
         else:
             self.conv_pw = nn.Identity()
             self.bn1 = nn.Identity()
-        self.conv_dw = create_conv2d(mid_chs, mid_chs, dw_kernel_size, stride=stride, depthwise=True)
+        self.conv_dw = create_conv2d(mid_chs, mid_chs, dw_kernel_size, stride=stride, depthwise=True,
+                                     padding=pad_type)
         self.bn2 = norm_act(mid_chs)
         self.attn = create_block_attn(attn_layer, mid_chs)
         self.conv_pwl = create_conv2d(mid_chs, out_chs, 1)
@@ -151,6 +153,8 @@ class LKCAMobileNet(nn.Module):
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth, rising linearly over blocks to this value.
         global_pool: Pooling type ('avg', 'max', ...; '' for none).
+        pad_type: Padding of strided convs: '' (symmetric, ``k // 2``: static, exports everywhere) or 'same'
+            (TensorFlow's asymmetric padding, which the `tf_` source weights were trained with).
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class LKCAMobileNet(nn.Module):
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             global_pool: str = 'avg',
+            pad_type: str = '',
     ):
         super().__init__()
         if not isinstance(in_chans, int) or in_chans < 1:
@@ -187,7 +192,9 @@ class LKCAMobileNet(nn.Module):
             return make_divisible(c * width)
 
         stem_chs = stem_chs if width < 0.75 else scale(stem_chs)
-        self.conv_stem = create_conv2d(in_chans, stem_chs, 3, stride=2)
+        if pad_type not in ('', 'same'):
+            raise ValueError(f"pad_type must be '' or 'same', got '{pad_type}'")
+        self.conv_stem = create_conv2d(in_chans, stem_chs, 3, stride=2, padding=pad_type)
         self.bn1 = BatchNormAct2d(stem_chs, eps=bn_eps, act_layer=hard_swish)
         self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='bn1')]
 
@@ -202,7 +209,7 @@ class LKCAMobileNet(nn.Module):
                 blocks.append(LKCABlock(
                     in_chs, out_chs, stride=spec.stride, exp_ratio=spec.exp_ratio, dw_kernel_size=dw_kernel_size,
                     act_layer=acts[spec.act], attn_layer=attn_layer if spec.attn else None, bn_eps=bn_eps,
-                    drop_path_rate=dpr[block_idx]))
+                    drop_path_rate=dpr[block_idx], pad_type=pad_type))
                 in_chs, reduction, block_idx = out_chs, reduction * spec.stride, block_idx + 1
             stage_modules.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'blocks.{stage_idx}'))
@@ -390,7 +397,9 @@ def lkca_mobilenet_075(pretrained: bool = False, **kwargs) -> LKCAMobileNet:
 @register_model
 def lkca_mobilenet_050(pretrained: bool = False, **kwargs) -> LKCAMobileNet:
     """LKCA-MobileNet, MobileNetV3-Small layout, width 0.5."""
-    return _create_lkca_mobilenet('lkca_mobilenet_050', pretrained, **dict(SMALL_HEAD, width=0.5, **kwargs))
+    # bn_eps: the source, timm's own mobilenetv3_small_050 (LAMB), was trained with PyTorch's BatchNorm eps
+    return _create_lkca_mobilenet(
+        'lkca_mobilenet_050', pretrained, **dict(SMALL_HEAD, width=0.5, bn_eps=1e-5, **kwargs))
 
 
 @register_model
