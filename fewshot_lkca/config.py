@@ -1,0 +1,219 @@
+"""One typed config for fine-tuning; recipes are YAML overrides of it.
+
+Precedence: the dataclass defaults < the recipe file < ``--key=value`` on the command line. Unknown keys and values
+of the wrong type are refused with a one-line message (and a "did you mean" where one is close).
+"""
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ['ConfigError', 'FinetuneConfig', 'RECIPE_DIR', 'list_recipes', 'load_recipe', 'apply_overrides',
+           'resolve_config', 'parse_override']
+
+# Recipes live in the repository's recipes/ folder, next to the package.
+RECIPE_DIR = Path(__file__).resolve().parents[1] / 'recipes'
+
+
+class ConfigError(ValueError):
+    """A recipe or an override cannot be applied (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Every fine-tuning setting, with the reason for its default."""
+
+    # --- the task ---
+    data: str = 'lookalike'  # built-in look-alike set: needs no download
+    split: str = 'novel'  # the task's classes come from the split the backbone never trained on
+    n_way: int = 5  # classes to tell apart
+    k_shot: int = 5  # labelled images per class (the support set)
+    n_query: int = 15  # held-out images per class in each evaluation episode (the literature's 15)
+    seed: int = 0  # picks the task's classes and support images, batches, augmentation
+    image_size: int = 0  # input side in px; 0 = the data card's native size (the look-alike set: 64)
+    images_per_class: int = 0  # look-alike set: rendered images per class; 0 = the card's default
+
+    # --- the starting point ---
+    model: str = 'lkca_mobilenet'
+    weights: str = 'base'  # 'base' (pretrained on the data's base classes, cached), 'imagenet', 'random', or a path
+    base_steps: int = 1500  # supervised steps of the cached base pretraining: a few minutes on 2 CPU cores
+    base_batch_size: int = 64
+    base_lr: float = 0.1
+
+    # --- what is trained ---
+    method: str = 'finetune'  # 'finetune', 'linear_probe' (head only) or 'protonet' (no training)
+    frozen_groups: int = 4  # leading timm group_matcher groups kept frozen: stem + stages 0-2 (generic features)
+    freeze_bn_stats: bool = True  # batch statistics of 2-4 images are noise: keep the pretrained running stats
+    grad_checkpointing: bool = True  # recompute trainable blocks' activations in backward: less memory
+    head_init: str = 'prototypes'  # cosine head starts as the nearest-prototype classifier of the support set
+    head_scale: float = 10.0  # cosine-logit temperature (learnable); 10 gives confident but trainable softmax
+
+    # --- optimisation ---
+    steps: int = 100  # optimizer steps; 5-way 5-shot = 25 images, so 100 steps at batch 4 = 16 passes
+    batch_size: int = 4  # memory-lean: activations scale with batch
+    optimizer: str = 'sgd'  # 'sgd' or 'adamw'
+    lr: float = 0.01
+    head_lr_scale: float = 10.0  # the new head moves faster than the pretrained trunk
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 5
+    label_smoothing: float = 0.1  # 25 images are easy to memorise: soften the targets
+    augment: bool = True  # albumentations pipeline for tiny support sets (fewshot_lkca.data.train_transform)
+
+    # --- evaluation and output ---
+    eval_episodes: int = 600  # query draws from the held-out images of the task's classes (>= 600 for a CI)
+    checkpoint_every: int = 25  # steps between resumable checkpoints
+    export: list[str] = field(default_factory=list)  # formats written at the end, e.g. ['onnx', 'onnx-int8']
+    out: str = ''  # run directory; '' = runs/<data>-<model>-<n_way>w<k_shot>s-seed<seed>
+
+    def validate(self) -> 'FinetuneConfig':
+        """Refuse values that cannot work, naming the option."""
+        positive = ('n_way', 'k_shot', 'batch_size', 'eval_episodes', 'checkpoint_every', 'base_batch_size')
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f'{name} must be >= 1, got {getattr(self, name)}')
+        if self.n_way < 2:
+            raise ConfigError(f'n_way must be >= 2 (one class is no classification), got {self.n_way}')
+        for name in ('n_query', 'steps', 'warmup_steps', 'frozen_groups', 'image_size', 'images_per_class',
+                     'base_steps'):
+            if getattr(self, name) < 0:
+                raise ConfigError(f'{name} must be >= 0, got {getattr(self, name)}')
+        if self.n_query < 1:
+            raise ConfigError(f'n_query must be >= 1 to evaluate, got {self.n_query}')
+        choices = dict(method=('finetune', 'linear_probe', 'protonet'), optimizer=('sgd', 'adamw'),
+                       head_init=('prototypes', 'random'))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, got '{getattr(self, name)}'")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f'label_smoothing must be in [0, 1), got {self.label_smoothing}')
+        if self.lr <= 0 or self.head_scale <= 0:
+            raise ConfigError('lr and head_scale must be > 0')
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ''
+
+
+def _coerce(key: str, value: Any, from_text: bool) -> Any:
+    """Check (YAML) or convert (command-line text) ``value`` to the type of field ``key``."""
+    hint = typing.get_type_hints(FinetuneConfig)[key]
+    origin = typing.get_origin(hint)
+    if origin is list or hint is list:
+        if from_text:
+            value = [] if value in ('', '[]', 'none', 'None') else [v.strip() for v in str(value).split(',')]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f'{key} must be a list of strings, got {value!r}')
+        return value
+    if isinstance(hint, types.UnionType):
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    if hint is bool:
+        if from_text:
+            lowered = str(value).lower()
+            if lowered in ('1', 'true', 'yes', 'on'):
+                return True
+            if lowered in ('0', 'false', 'no', 'off'):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f'{key} must be true or false, got {value!r}')
+    if hint is int:
+        if from_text:
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f'{key} must be an integer, got {value!r}') from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f'{key} must be an integer, got {value!r}')
+        return value
+    if hint is float:
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f'{key} must be a number, got {value!r}') from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f'{key} must be a number, got {value!r}')
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ''
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f'{key} must be a string, got {value!r}')
+        return str(value)
+    raise ConfigError(f'{key}: unsupported field type {hint}')  # pragma: no cover - a new field type
+
+
+def apply_overrides(cfg: FinetuneConfig, overrides: dict[str, Any], source: str, from_text: bool = False
+                    ) -> FinetuneConfig:
+    """A copy of ``cfg`` with ``overrides`` applied; ``source`` names where they came from in errors."""
+    changes = {}
+    for key, value in overrides.items():
+        key = key.replace('-', '_')
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown option '{key}' in {source}{_did_you_mean(key)}")
+        try:
+            changes[key] = _coerce(key, value, from_text)
+        except ConfigError as e:
+            raise ConfigError(f'{source}: {e}') from None
+    return dataclasses.replace(cfg, **changes)
+
+
+def list_recipes() -> list[str]:
+    """Recipe names in recipes/ (a recipe is also accepted as a path to any YAML file)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob('*.yaml'))
+
+
+def _recipe_path(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in ('.yaml', '.yml'):
+        if not path.is_file():
+            raise ConfigError(f'recipe file {path} does not exist')
+        return path
+    path = RECIPE_DIR / f'{name_or_path}.yaml'
+    if not path.is_file():
+        close = difflib.get_close_matches(str(name_or_path), list_recipes(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ''
+        raise ConfigError(f"unknown recipe '{name_or_path}'{hint}; known: {', '.join(list_recipes())}")
+    return path
+
+
+def load_recipe(name_or_path: str | os.PathLike, base: FinetuneConfig | None = None) -> FinetuneConfig:
+    """Defaults (or ``base``) with the recipe's overrides applied."""
+    import yaml
+
+    path = _recipe_path(name_or_path)
+    try:
+        overrides = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'recipe {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f'recipe {path} must be a mapping of option: value')
+    return apply_overrides(base or FinetuneConfig(), overrides, source=f'recipe {path}')
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``'key=value'`` (a leading ``--`` is allowed) -> ``(key, value)``."""
+    body = text[2:] if text.startswith('--') else text
+    if '=' not in body:
+        raise ConfigError(f"override '{text}' must look like --key=value")
+    key, value = body.split('=', 1)
+    return key.strip(), value.strip()
+
+
+def resolve_config(recipe: str | None, overrides: dict[str, str]) -> FinetuneConfig:
+    """Defaults < recipe < command-line overrides (text values), validated."""
+    cfg = load_recipe(recipe) if recipe else FinetuneConfig()
+    return apply_overrides(cfg, overrides, source='the command line', from_text=True).validate()

@@ -1,0 +1,56 @@
+"""The few-shot classifier: a timm backbone's pre-logits features and a cosine head that starts as ProtoNet."""
+import torch
+from torch import nn
+
+__all__ = ['CosineHead', 'FewShotClassifier', 'class_prototypes']
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, D) mean feature of each class; a class with no sample is an error, not a zero vector."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    if (counts == 0).any():
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f'the support set has no image of class(es) {missing}')
+    protos = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    protos.index_add_(0, labels, features)
+    return protos / counts[:, None].to(features.dtype)
+
+
+class CosineHead(nn.Module):
+    """``logits = scale * cos(feature, w_c)``.
+
+    Initialised from the support set's class means it *is* the nearest-prototype (cosine) classifier, so
+    fine-tuning starts where ProtoNet ends. The temperature ``scale`` is learned.
+
+    Args:
+        in_features: Feature width.
+        num_classes: Classes (the task's ``n_way``).
+        scale: Initial temperature.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 10.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, in_features) * 0.01)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    @torch.no_grad()
+    def init_from_prototypes(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.weight.copy_(class_prototypes(features, labels, self.weight.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).t()
+
+
+class FewShotClassifier(nn.Module):
+    """``head(backbone(x))`` where the backbone returns pre-logits features (``num_classes=0``).
+
+    One module, so that export, quantization and checkpoints see the whole thing.
+    """
+
+    def __init__(self, backbone: nn.Module, head: CosineHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))

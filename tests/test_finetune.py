@@ -1,0 +1,175 @@
+"""The main job end to end on a tiny image folder: run directory, metrics, resume after a kill, refusals."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from fewshot_lkca.checkpoint import load_checkpoint
+from fewshot_lkca.config import FinetuneConfig, apply_overrides
+from fewshot_lkca.finetune import RunError, finetune_command, main
+
+COLOURS = {'red_disc': (200, 40, 40), 'green_bar': (40, 180, 60), 'blue_square': (40, 60, 200)}
+
+
+def _make_folder(root: Path, per_class: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = Image.fromarray(rng.integers(0, 60, (48, 48, 3), dtype=np.uint8))
+            draw = ImageDraw.Draw(image)
+            x, y = rng.integers(4, 20, 2)
+            box = [int(x), int(y), int(x) + 22, int(y) + 22]
+            if 'disc' in name:
+                draw.ellipse(box, fill=colour)
+            elif 'bar' in name:
+                draw.rectangle([box[0], box[1], box[0] + 6, box[3]], fill=colour)
+            else:
+                draw.rectangle(box, fill=colour)
+            image.save(root / name / f'{i}.png')
+    return root
+
+
+def _cfg(data: Path, out: Path, **changes) -> FinetuneConfig:
+    base = dict(data=str(data), out=str(out), n_way=3, k_shot=2, n_query=4, weights='random', image_size=32,
+                steps=8, batch_size=2, checkpoint_every=3, eval_episodes=20, augment=True)
+    base.update(changes)
+    return apply_overrides(FinetuneConfig(), base, source='test').validate()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return _make_folder(tmp_path / 'data')
+
+
+def test_run_directory_holds_everything(folder, tmp_path):
+    out = tmp_path / 'run'
+    metrics = finetune_command(_cfg(folder, out), progress=False, log=lambda *_: None)
+    for name in ('config.json', 'log.jsonl', 'metrics.json', 'model.safetensors', 'confusion.png',
+                 'training_curve.png'):
+        assert (out / name).is_file(), name
+    assert not (out / 'train_state.pt').exists()  # optimizer state is only kept while a run can be resumed
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in log] == list(range(1, 9))
+    saved = json.loads((out / 'metrics.json').read_text())
+    assert saved['episodes']['n'] == 20 and 0 <= saved['episodes']['mean'] <= 1
+    assert set(saved['per_class_accuracy']) == set(COLOURS)
+    assert sum(map(sum, saved['confusion'])) == 3 * (12 - 2)  # every held-out image classified once
+    tensors, meta = load_checkpoint(out / 'model.safetensors')
+    assert meta['classes'] == metrics['task']['classes'] and meta['image_size'] == 32
+    assert meta['mean'] == [0.5, 0.5, 0.5] and 'head.weight' in tensors
+    assert json.loads((out / 'config.json').read_text())['k_shot'] == 2
+
+
+def test_protonet_trains_nothing_and_learns_colours_from_imagenet_free_features(folder, tmp_path):
+    metrics = finetune_command(_cfg(folder, tmp_path / 'p', method='protonet', weights='random'), progress=False,
+                               log=lambda *_: None)
+    assert metrics['steps'] == 0 and metrics['trainable_parameters'] > 0
+
+
+def test_refuses_to_overwrite_a_finished_run(folder, tmp_path):
+    cfg = _cfg(folder, tmp_path / 'run', steps=2)
+    finetune_command(cfg, progress=False, log=lambda *_: None)
+    with pytest.raises(RunError, match='finished run; pass --overwrite'):
+        finetune_command(_cfg(folder, tmp_path / 'run', steps=2), progress=False, log=lambda *_: None)
+    finetune_command(_cfg(folder, tmp_path / 'run', steps=2), overwrite=True, progress=False, log=lambda *_: None)
+    other = tmp_path / 'not_a_run'
+    other.mkdir()
+    (other / 'precious.txt').write_text('user data')
+    with pytest.raises(RunError, match='not a run directory'):
+        finetune_command(_cfg(folder, other), progress=False, log=lambda *_: None)
+    assert (other / 'precious.txt').read_text() == 'user data'
+
+
+_KILL_AFTER_SECOND_CHECKPOINT = """
+import os, signal, sys
+import fewshot_lkca.finetune as ft
+saves = []
+original = ft._save_state
+def save_then_die(*args, **kwargs):
+    original(*args, **kwargs)
+    saves.append(1)
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+ft._save_state = save_then_die
+ft.main(sys.argv[1:])
+"""
+
+
+def _cli_args(folder: Path, out: Path) -> list[str]:
+    return ['--data', str(folder), '--out', str(out), '--ways', '3', '--shots', '2', '--queries', '4',
+            '--weights', 'random', '--image_size=32', '--steps=8', '--batch_size=2', '--checkpoint_every=3',
+            '--eval_episodes=20', '--no-progress']
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(folder, tmp_path):
+    killed, clean = tmp_path / 'killed', tmp_path / 'clean'
+    proc = subprocess.run([sys.executable, '-c', _KILL_AFTER_SECOND_CHECKPOINT, *_cli_args(folder, killed)],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (killed / 'metrics.json').exists()
+    assert torch.load(killed / 'train_state.pt', weights_only=True)['step'] == 6
+    main(['--resume', str(killed), '--no-progress'])
+    main(_cli_args(folder, clean))
+    a = json.loads((killed / 'metrics.json').read_text())
+    b = json.loads((clean / 'metrics.json').read_text())
+    assert a['episodes'] == b['episodes'] and a['confusion'] == b['confusion']
+    ta, _ = load_checkpoint(killed / 'model.safetensors')
+    tb, _ = load_checkpoint(clean / 'model.safetensors')
+    assert all(torch.equal(ta[k], tb[k]) for k in tb)
+    steps = [json.loads(line)['step'] for line in (killed / 'log.jsonl').read_text().splitlines()]
+    assert steps[-1] == 8
+
+
+def test_ctrl_c_leaves_a_resumable_run(folder, tmp_path, monkeypatch):
+    import fewshot_lkca.finetune as ft
+    out = tmp_path / 'run'
+    original = ft._Run.log
+    calls = []
+
+    def interrupt_at_step_4(self, record):
+        original(self, record)
+        calls.append(record['step'])
+        if record['step'] == 4:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ft._Run, 'log', interrupt_at_step_4)
+    with pytest.raises(SystemExit, match=f'interrupted at step 4; continue with: .* --resume {out}'):
+        finetune_command(_cfg(folder, out), progress=False, log=lambda *_: None)
+    assert torch.load(out / 'train_state.pt', weights_only=True)['step'] == 4
+    monkeypatch.setattr(ft._Run, 'log', original)
+    finetune_command(FinetuneConfig(), resume=out, progress=False, log=lambda *_: None)
+    assert (out / 'metrics.json').is_file()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--shots', '0'], 'k_shot must be >= 1, got 0'),
+    (['--ways', '9'], "--ways 9 needs 9 classes; '.*' \\(novel\\) has 3"),
+    (['--shots', '10'], "class '.*' has 12 images; 10 shots \\+ 4 queries need 14"),
+    (['--recipe', 'nope'], "unknown recipe 'nope'"),
+    (['--lrr=0.1'], "unknown option 'lrr' in the command line; did you mean 'lr'"),
+    (['--weights', '/no/such.safetensors'], '--weights: no such file'),
+    (['--model', 'lkca_mobilnet'], "unknown model 'lkca_mobilnet'; did you mean"),
+])
+def test_bad_input_is_one_line_error(folder, tmp_path, argv, message, capsys):
+    base = ['--data', str(folder), '--out', str(tmp_path / 'run'), '--ways', '3', '--queries', '4',
+            '--weights', 'random', '--image_size=32', '--steps=1', '--eval_episodes=2', '--no-progress']
+    with pytest.raises(SystemExit) as exc:
+        main(base + argv)
+    text = str(exc.value)
+    assert text.startswith('error: ') and '\n' not in text
+    import re
+    assert re.search(message, text), text
+
+
+def test_incompatible_checkpoint_is_refused(folder, tmp_path):
+    run = tmp_path / 'run'
+    finetune_command(_cfg(folder, run, steps=1), progress=False, log=lambda *_: None)
+    with pytest.raises(SystemExit, match='holds a lkca_mobilenet backbone, but --model is lkca_mobilenet_dw3'):
+        main(['--data', str(folder), '--out', str(tmp_path / 'r2'), '--ways', '3', '--shots', '2', '--queries', '4',
+              '--weights', str(run / 'model.safetensors'), '--model', 'lkca_mobilenet_dw3', '--no-progress'])
