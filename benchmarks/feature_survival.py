@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = load_images(omniglot, args.classes)
     print(f'# {datetime.date.today()}, {platform.machine()} CPU x{torch.get_num_threads()} threads, torch '
           f'{torch.__version__}, timm {timm.__version__}: Omniglot evaluation alphabets, {len(labels)} images, '
-          f'{len(labels.unique())} characters, {args.img_size} px, frozen pre-logits features, nearest class mean, {args.episodes} episodes, '
+          f'{len(labels.unique())} characters, '
+          f'{args.img_size} px, frozen pre-logits features, nearest class mean, {args.episodes} episodes, '
           f'{args.queries} queries/class')
     print('| backbone | 5-way 1-shot | 5-way 5-shot |\n|---|---|---|')
     for label, name, transplant, kwargs in ROWS:

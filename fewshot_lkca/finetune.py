@@ -60,11 +60,7 @@ class Task:
 def _dataset_options(cfg: FinetuneConfig) -> dict:
     from .data import get_card
 
-    try:
-        card = get_card(cfg.data)
-        reader = card['reader']
-    except Exception:  # a folder path: no card
-        reader = 'image_folder'
+    reader = 'image_folder' if Path(cfg.data).expanduser().is_dir() else get_card(cfg.data)['reader']
     options = {}
     if reader == 'lookalike':
         options['image_size'] = cfg.image_size or 64
@@ -306,12 +302,11 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
         f'{len(task.pool_idx)} held-out images')
     backbone, origin = _start_backbone(cfg, task.image_size, log)
     log(f'weights: {origin}')
-    data_cfg_model = backbone
-    eval_tf = eval_transform(data_cfg_model, size=task.image_size)
+    eval_tf = eval_transform(backbone, size=task.image_size)
     support_x = _load_images(task, task.support_idx, eval_tf)
     support_y = torch.tensor(task.support_y)
-    head = CosineHead(backbone.num_features if not hasattr(backbone, 'head_hidden_size') else
-                      backbone.head_hidden_size, cfg.n_way, scale=cfg.head_scale)
+    feature_dim = getattr(backbone, 'head_hidden_size', None) or backbone.num_features  # pre-logits width
+    head = CosineHead(feature_dim, cfg.n_way, scale=cfg.head_scale)
     if cfg.head_init == 'prototypes':
         head.init_from_prototypes(_features(backbone, support_x), support_y)
     model = FewShotClassifier(backbone, head)

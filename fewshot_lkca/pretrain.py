@@ -101,7 +101,8 @@ def base_pretrained(
 
     settings = dict(model=model_name, data=data, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr,
                     seed=seed, images_per_class=images_per_class, recipe='supervised-v1')
-    path = cache_dir() / 'base' / f'{model_name}-{Path(str(data)).name}-{image_size}px-{_cache_key(settings)}.safetensors'
+    name = f'{model_name}-{Path(str(data)).name}-{image_size}px-{_cache_key(settings)}.safetensors'
+    path = cache_dir() / 'base' / name
     if path.is_file():
         tensors, _ = load_checkpoint(path)
         return tensors, path, True

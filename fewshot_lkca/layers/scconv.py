@@ -70,7 +70,8 @@ class CRU(nn.Module):
         kernel_size: Kernel of the group-wise conv.
     """
 
-    def __init__(self, channels: int, alpha: float = 0.5, squeeze_ratio: int = 2, groups: int = 2, kernel_size: int = 3):
+    def __init__(self, channels: int, alpha: float = 0.5, squeeze_ratio: int = 2, groups: int = 2,
+                 kernel_size: int = 3):
         super().__init__()
         self.up_chs = int(alpha * channels)
         low_chs = channels - self.up_chs

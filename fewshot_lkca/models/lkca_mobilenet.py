@@ -19,8 +19,15 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from timm.layers import BatchNormAct2d, ConvNormAct, DropPath, SelectAdaptivePool2d, create_conv2d, get_act_layer
-from timm.layers import make_divisible
+from timm.layers import (
+    BatchNormAct2d,
+    ConvNormAct,
+    DropPath,
+    SelectAdaptivePool2d,
+    create_conv2d,
+    get_act_layer,
+    make_divisible,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -214,13 +221,14 @@ class LKCAMobileNet(nn.Module):
             stage_modules.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'blocks.{stage_idx}'))
         last_chs = scale(last_chs)
-        stage_modules.append(nn.Sequential(
-            ConvNormAct(in_chs, last_chs, 1, norm_layer=nn.BatchNorm2d, norm_kwargs=dict(eps=bn_eps), act_layer=hard_swish)))
+        stage_modules.append(nn.Sequential(ConvNormAct(
+            in_chs, last_chs, 1, norm_layer=nn.BatchNorm2d, norm_kwargs=dict(eps=bn_eps), act_layer=hard_swish)))
         self.feature_info.append(dict(num_chs=last_chs, reduction=reduction, module=f'blocks.{len(stages)}'))
         self.blocks = nn.Sequential(*stage_modules)
         # timm reports one feature per reduction level: keep the last module of each.
-        self.feature_info = [f for i, f in enumerate(self.feature_info)
-                             if i + 1 == len(self.feature_info) or self.feature_info[i + 1]['reduction'] != f['reduction']]
+        info = self.feature_info
+        self.feature_info = [f for i, f in enumerate(info)
+                             if i + 1 == len(info) or info[i + 1]['reduction'] != f['reduction']]
 
         # MobileNetV3's efficient head: pool first, then a 1x1 conv with bias and no norm.
         self.num_features = last_chs
