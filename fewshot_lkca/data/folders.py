@@ -1,0 +1,309 @@
+"""A user's image folders (`root/<class_name>/<image>`) and the safe image loading every reader uses.
+
+Loading policy, in order:
+
+1. Refuse before decoding: empty files, files Pillow cannot identify, and headers that claim more than
+   `max_pixels` (default 50 MP; a decompression bomb is a tiny file that claims a huge size).
+2. Decode, then turn upright by the EXIF orientation tag.
+3. Convert to RGB uint8: grayscale and palette images are expanded; images with alpha (RGBA, LA, PA, P with a
+   transparent colour) are composited on white, the colour of paper and of most product shots; 16-bit
+   grayscale is scaled (65535 -> 255), never clipped; CMYK goes through Pillow's conversion.
+
+A folder scan decodes every image once (JPEGs at reduced scale) so that truncated and corrupt files are found
+up front: they are skipped, counted and named in one warning line instead of failing mid-training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .base import ImageDataset
+from .errors import CorruptImageError, DataError, DataWarning, ImageTooLargeError
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageFolderDataset", "load_image", "verify_image"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAX_PIXELS = 50_000_000  # 50 MP: a 12 MP phone photo passes; 150 MB of RGB is the most one image may cost
+_NAMED_IN_WARNING = 5  # how many file names one warning line spells out
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _open_checked(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and refuse empty, unknown and oversized images."""
+    if isinstance(source, bytes):
+        size, fp = len(source), io.BytesIO(source)
+    else:
+        try:
+            size = os.path.getsize(source)
+        except OSError as err:
+            raise DataError(f"{name}: cannot read ({err.strerror})") from None
+        fp = source
+    if size == 0:
+        raise CorruptImageError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # We apply our own, lower limit below; Pillow's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(fp)
+    except UnidentifiedImageError:
+        raise CorruptImageError(f"{name}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"{name}: refused, {err}") from None
+    except _DECODE_ERRORS as err:
+        raise CorruptImageError(f"{name}: corrupt header ({err})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageTooLargeError(
+            f"{name}: refused, {width}x{height} px = {width * height / 1e6:.0f} MP is over the "
+            f"{max_pixels / 1e6:.0f} MP limit (decompression bomb or absurd size); pass a larger max_pixels "
+            "if the image is genuine"
+        )
+    return image
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to an HxWx3 uint8 RGB array (policy in the module docstring)."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(image).astype(np.float32)
+        if gray.max(initial=0) > 65535 or gray.min(initial=0) < 0:  # genuine 32-bit data: stretch its range
+            gray = (gray - gray.min()) * (65535.0 / max(float(np.ptp(gray)), 1.0))
+        gray8 = np.rint(gray / 257.0).astype(np.uint8)  # 65535 / 257 = 255 exactly
+        return np.repeat(gray8[:, :, None], 3, axis=2)
+    if mode == "F":
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        gray = (gray - gray.min()) * (255.0 / max(float(np.ptp(gray)), 1e-12))
+        return np.repeat(np.rint(gray).astype(np.uint8)[:, :, None], 3, axis=2)
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image, dtype=np.uint8)
+
+
+def load_image(
+    source: str | os.PathLike | bytes,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    name: str | None = None,
+) -> np.ndarray:
+    """Load one image as an upright HxWx3 uint8 RGB array, refusing bombs and corrupt files.
+
+    Args:
+        source: A path, or the encoded bytes of an image (e.g. read from a zip).
+        max_pixels: Largest width x height accepted, checked from the header before decoding.
+        name: How messages name the image; defaults to the path.
+
+    Returns:
+        The image as a writable HxWx3 uint8 array.
+
+    Raises:
+        CorruptImageError: Empty, not an image, truncated or undecodable.
+        ImageTooLargeError: The header claims more than `max_pixels`.
+
+    Example:
+        >>> import numpy as np, io
+        >>> from PIL import Image
+        >>> buf = io.BytesIO(); Image.new("L", (4, 3), 7).save(buf, "PNG")
+        >>> load_image(buf.getvalue(), name="tiny.png").shape
+        (3, 4, 3)
+    """
+    name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    image = _open_checked(source, name, max_pixels)
+    with image:
+        try:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+        except _DECODE_ERRORS as err:
+            raise CorruptImageError(f"{name}: cannot decode ({err})") from None
+        try:
+            return _to_rgb(upright)
+        except (OSError, ValueError) as err:
+            raise CorruptImageError(f"{name}: cannot convert mode {image.mode} to RGB ({err})") from None
+
+
+def verify_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> None:
+    """Decode an image once, cheaply, to find corrupt, truncated and oversized files.
+
+    JPEGs are decoded at reduced scale (Pillow's draft mode still reads the whole stream, so truncation
+    shows), which makes a scan of phone photos several times faster than a full decode.
+
+    Raises:
+        CorruptImageError: As `load_image`.
+        ImageTooLargeError: As `load_image`.
+    """
+    image = _open_checked(path, str(path), max_pixels)
+    with image:
+        try:
+            image.draft("RGB", (128, 128))
+            image.load()
+        except _DECODE_ERRORS as err:
+            raise CorruptImageError(f"{path}: cannot decode ({err})") from None
+
+
+def _read_split_list(path: Path) -> list[str]:
+    """Class names, one a line; blank lines and `#` comments are ignored."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
+
+
+def _summarise(items: Sequence[str], total: int) -> str:
+    shown = ", ".join(items[:_NAMED_IN_WARNING])
+    more = total - min(total, _NAMED_IN_WARNING)
+    return shown + (f" and {more} more" if more else "")
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+
+
+class ImageFolderDataset(ImageDataset):
+    """A user's images, one folder per class: `root/<class_name>/<image>` (sub-folders are searched too).
+
+    Split lists are optional text files next to the class folders, `root/<split>.txt`, one class name a
+    line. Without them the whole folder is one data set: `split=None` and `split="novel"` use every class
+    (a user's own folder is the few-shot task), while `"base"` and `"val"` need their list.
+
+    Args:
+        root: The folder holding one sub-folder per class.
+        split: None for all classes, or a split name whose list `root/<split>.txt` selects the classes.
+        classes: Class names to use, overriding `split`.
+        transform: Applied to each HxWx3 uint8 image in `__getitem__`.
+        max_pixels: Largest image accepted (see `load_image`).
+        verify: Decode every image once while scanning, so corrupt and truncated files are skipped up front.
+
+    Raises:
+        DataError: Missing root, no class folders, a listed class without folder, a class without usable
+            images, or fewer than 2 classes.
+
+    Example:
+        >>> ds = ImageFolderDataset("photos", split="novel")  # doctest: +SKIP
+        >>> image, label = ds[0]; ds.classes[label]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | None = None,
+        *,
+        classes: Sequence[str] | None = None,
+        transform=None,
+        max_pixels: int = MAX_PIXELS,
+        verify: bool = True,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.max_pixels = max_pixels
+        self.transform = transform
+        self.classes = self._select_classes(split, classes)
+        self.samples: list[Path] = []
+        self.targets = []
+        skipped: list[str] = []
+        per_class_skips: dict[str, int] = {}
+        for label, name in enumerate(self.classes):
+            files, bad = self._scan_class(self.root / name, verify)
+            self.samples += files
+            self.targets += [label] * len(files)
+            skipped += bad
+            per_class_skips[name] = len(bad)
+        n_files = len(self.samples) + len(skipped)
+        if skipped:
+            warnings.warn(
+                f"skipped {len(skipped)} of {n_files} files under {self.root}: {_summarise(skipped, len(skipped))}",
+                DataWarning,
+                stacklevel=2,
+            )
+        self._check_counts(per_class_skips)
+        self._warn_duplicates()
+
+    def _select_classes(self, split: str | None, classes: Sequence[str] | None) -> list[str]:
+        if not self.root.exists():
+            raise DataError(f"image folder {self.root} does not exist")
+        if not self.root.is_dir():
+            raise DataError(f"{self.root} is not a folder (expected {self.root}/<class_name>/<image>)")
+        available = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not available:
+            raise DataError(f"no class folders in {self.root} (expected {self.root}/<class_name>/<image>)")
+        source = "classes="
+        if classes is None and split is not None:
+            split_file = self.root / f"{split}.txt"
+            if split_file.is_file():
+                classes, source = _read_split_list(split_file), str(split_file)
+            elif split != "novel":
+                raise DataError(
+                    f"split '{split}' needs the class list {split_file}; without split lists a folder is used "
+                    "whole (split=None or 'novel')"
+                )
+        if classes is None:
+            return available
+        missing = [c for c in classes if c not in available]
+        if missing:
+            raise DataError(f"{len(missing)} classes from {source} have no folder in {self.root}: {missing[:5]}")
+        return sorted(set(classes))
+
+    def _scan_class(self, folder: Path, verify: bool) -> tuple[list[Path], list[str]]:
+        files, skipped = [], []
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(self.root)
+            if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+                continue  # hidden files (.DS_Store, editor backups) are not data
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(f"{rel} (not an image file)")
+                continue
+            if verify:
+                try:
+                    verify_image(path, max_pixels=self.max_pixels)
+                except DataError as err:
+                    # The message starts with the path; keep only the reason after it.
+                    skipped.append(f"{rel} ({str(err).split(': ', 1)[-1]})")
+                    continue
+            files.append(path)
+        return files, skipped
+
+    def _check_counts(self, per_class_skips: dict[str, int]) -> None:
+        counts = self.class_counts()
+        empty = [f"'{c}' (0 images, {per_class_skips[c]} files skipped)" for c, n in counts.items() if n == 0]
+        if empty:
+            raise DataError(f"classes without usable images in {self.root}: {', '.join(empty)}")
+        if len(self.classes) < 2:
+            found = ", ".join(f"'{c}' ({n} images)" for c, n in counts.items())
+            raise DataError(f"need at least 2 classes, found {len(self.classes)} in {self.root}: {found}")
+
+    def _warn_duplicates(self) -> None:
+        """Warn once, naming both classes, when the same file content sits in two classes."""
+        by_size: dict[int, list[int]] = defaultdict(list)
+        for i, path in enumerate(self.samples):
+            by_size[path.stat().st_size].append(i)
+        pairs = []
+        for group in by_size.values():
+            # Only files of equal size can be equal, and only cross-class groups matter: hash just those.
+            if len({self.targets[i] for i in group}) < 2:
+                continue
+            first_by_digest: dict[str, int] = {}
+            for i in group:
+                j = first_by_digest.setdefault(_file_digest(self.samples[i]), i)
+                if j != i and self.targets[j] != self.targets[i]:
+                    a, b = self.samples[j].relative_to(self.root), self.samples[i].relative_to(self.root)
+                    pairs.append(f"'{self.classes[self.targets[j]]}' and '{self.classes[self.targets[i]]}' ({a} = {b})")
+        if pairs:
+            warnings.warn(
+                f"{len(pairs)} images are in two classes under {self.root}: {_summarise(pairs, len(pairs))}",
+                DataWarning,
+                stacklevel=3,
+            )
+
+    def load(self, index: int) -> np.ndarray:
+        return load_image(self.samples[index], max_pixels=self.max_pixels)

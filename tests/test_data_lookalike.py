@@ -1,0 +1,79 @@
+"""The built-in look-alike set: splits, determinism, look-alike structure, speed."""
+
+import time
+
+import numpy as np
+import pytest
+
+from fewshot_lkca.data import DataError, LookalikeDataset, lookalike_classes, render_lookalike
+from fewshot_lkca.data.lookalike import FAMILIES, contact_sheet
+
+
+def test_splits_are_disjoint_and_large_enough():
+    base, val, novel = (set(lookalike_classes(s)) for s in ("base", "val", "novel"))
+    assert len(base) >= 40 and len(novel) >= 10 and len(val) >= 5
+    assert not base & val and not base & novel and not val & novel
+    assert base | val | novel == set(lookalike_classes())
+
+
+def test_every_novel_class_has_a_one_part_look_alike_in_novel():
+    novel = lookalike_classes("novel")
+    for name in novel:
+        family, bits = name.split("-")
+        siblings = [n for n in novel if n != name and n.split("-")[0] == family]
+        assert any(sum(a != b for a, b in zip(bits, s.split("-")[1], strict=True)) == 1 for s in siblings), name
+
+
+def test_novel_families_also_appear_in_base():
+    base_families = {n.split("-")[0] for n in lookalike_classes("base")}
+    assert {n.split("-")[0] for n in lookalike_classes("novel")} <= base_families
+    assert base_families == set(FAMILIES)
+
+
+def test_render_is_deterministic_and_seed_dependent():
+    a = render_lookalike("knife-011", 3, image_size=48, seed=7)
+    b = render_lookalike("knife-011", 3, image_size=48, seed=7)
+    assert a.shape == (48, 48, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, render_lookalike("knife-011", 3, image_size=48, seed=8))
+    assert not np.array_equal(a, render_lookalike("knife-011", 4, image_size=48, seed=7))
+
+
+def test_dataset_indexing_matches_render_and_ignores_access_order():
+    ds = LookalikeDataset("novel", images_per_class=5, image_size=32, seed=1)
+    assert len(ds) == 50 and ds.targets[7] == 1
+    late_first = ds[12][0]
+    np.testing.assert_array_equal(ds[12][0], late_first)
+    np.testing.assert_array_equal(late_first, render_lookalike(ds.classes[2], 2, 32, seed=1))
+
+
+def test_cache_returns_equal_copies():
+    ds = LookalikeDataset("val", images_per_class=2, image_size=32, cache=True)
+    first = ds.load(1)
+    first[:] = 0  # a caller writing into its copy must not change the cache
+    assert ds.load(1).any()
+
+
+def test_instances_of_a_class_vary():
+    images = np.stack([render_lookalike("pen-101", i, 32) for i in range(8)]).astype(np.float32)
+    assert images.std(axis=0).mean() > 20  # pose, colour and background change per instance
+
+
+def test_rendering_takes_a_few_ms():
+    render_lookalike("syringe-000", 0, 96)  # warm the profile cache
+    start = time.perf_counter()
+    for i in range(20):
+        render_lookalike("syringe-000", i, 96)
+    assert (time.perf_counter() - start) / 20 < 0.02
+
+
+def test_bad_arguments():
+    with pytest.raises(DataError, match="unknown look-alike split"):
+        LookalikeDataset("train")
+    with pytest.raises(DataError, match="unknown look-alike class"):
+        render_lookalike("spoon-000", 0)
+
+
+def test_contact_sheet_grid():
+    sheet = contact_sheet(["tube-000", "tube-001"], per_class=3, image_size=32, label_width=40)
+    assert sheet.shape == (64, 40 + 3 * 32, 3)
