@@ -5,8 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'atomic_write']
+__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'atomic_write', 'load_backbone']
+
+DEFAULT_MODEL = 'lkca_mobilenet'
 
 
 class CheckpointError(ValueError):
@@ -43,3 +46,57 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except Exception as e:  # safetensors raises several types for a damaged file
         raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}') from e
     return tensors, meta
+
+
+def load_backbone(model: str, weights: str) -> tuple[nn.Module, dict, str]:
+    """The frozen backbone (pre-logits output, eval mode), its checkpoint metadata ({} if none), and its origin.
+
+    Args:
+        model: timm name; '' takes the checkpoint's model (else ``lkca_mobilenet``).
+        weights: ``'random'`` (seed torch first), ``'imagenet'`` (timm hub), a source state_dict file (``.pth``, or a
+            ``.safetensors`` without our metadata) that `create_backbone` loads or transplants, or a ``.safetensors``
+            checkpoint of this package: fine-tuned (``backbone.*`` + ``head.*``; the head is dropped) or
+            base-pretrained (backbone tensors only).
+
+    Raises:
+        CheckpointError: Missing or unreadable file, or a checkpoint of another model.
+        BackboneError: Unknown model, unreachable hub, a source file that does not fit.
+
+    Example:
+        >>> backbone, meta, origin = load_backbone('lkca_mobilenet', 'random')
+        >>> backbone.num_classes, meta, origin
+        (0, {}, 'lkca_mobilenet, random initialisation')
+    """
+    if weights in ('random', 'imagenet'):
+        name = model or DEFAULT_MODEL
+        from .models import create_backbone
+
+        backbone = create_backbone(name, pretrained=weights == 'imagenet', num_classes=0)
+        origin = f'{name}, random initialisation' if weights == 'random' else f'{name}, ImageNet (timm hub)'
+        return backbone.eval(), {}, origin
+    path = Path(weights)
+    if not path.is_file():
+        raise CheckpointError(f'--weights: no such file {path} (or use imagenet, random)')
+    from .models import create_backbone
+
+    meta = {}
+    if path.suffix == '.safetensors':
+        tensors, meta = load_checkpoint(path)
+    if not meta.get('model'):  # a plain state_dict of the source model: load it, or transplant it into ours
+        name = model or DEFAULT_MODEL
+        backbone = create_backbone(name, weights=path, num_classes=0)
+        return backbone.eval(), {}, f'{name}, source weights {path} (loaded or transplanted by timm)'
+    name = model or meta['model']
+    if meta['model'] != name:
+        raise CheckpointError(f'{path} holds a {meta["model"]} backbone, but --model is {name}')
+    backbone = create_backbone(name, num_classes=0)
+    # A fine-tuned FewShotClassifier saves backbone.* and head.*; base pretraining saves the bare backbone.
+    kind = 'fine-tuned; its head is not used' if any(k.startswith('head.') for k in tensors) else \
+        meta.get('kind', 'backbone checkpoint')
+    tensors = {k.removeprefix('backbone.'): v for k, v in tensors.items() if not k.startswith('head.')}
+    missing, unexpected = backbone.load_state_dict(tensors, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith('classifier.')]
+    if missing or unexpected:
+        raise CheckpointError(f'{path} does not fit {name}: {len(missing)} missing, {len(unexpected)} unexpected '
+                              f'tensors (e.g. {(missing + unexpected)[0]})')
+    return backbone.eval(), meta, f'{name} from {path} ({kind})'

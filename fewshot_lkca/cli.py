@@ -5,7 +5,9 @@ import sys
 
 # subcommand -> module; modules are imported only when their subcommand runs, so `--help` stays fast.
 SUBCOMMANDS = {
+    'finetune': 'fewshot_lkca.finetune',
     'smoke': 'fewshot_lkca.smoke',
+    'evaluate': 'fewshot_lkca.evaluate',
     'models': None,
 }
 

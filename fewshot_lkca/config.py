@@ -34,7 +34,7 @@ class FinetuneConfig:
     k_shot: int = 5  # labelled images per class (the support set)
     n_query: int = 15  # held-out images per class in each evaluation episode (the literature's 15)
     seed: int = 0  # picks the task's classes and support images, batches, augmentation
-    image_size: int = 0  # input side in px; 0 = the data card's native size (the look-alike set: 64)
+    image_size: int = 0  # input side in px; 0 = the data's native size (look-alike set: 96), else 224
     images_per_class: int = 0  # look-alike set: rendered images per class; 0 = the card's default
 
     # --- the starting point ---

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_backbone, load_checkpoint, save_checkpoint
 from .config import ConfigError, FinetuneConfig, apply_overrides, parse_override, resolve_config
 from .heads import CosineHead, FewShotClassifier
 from .metrics import mean_ci
@@ -63,8 +63,9 @@ def _dataset_options(cfg: FinetuneConfig) -> dict:
     reader = 'image_folder' if Path(cfg.data).expanduser().is_dir() else get_card(cfg.data)['reader']
     options = {}
     if reader == 'lookalike':
-        options['image_size'] = cfg.image_size or 64
-        options['cache'] = True
+        options['cache'] = True  # render once; the support set is read every step
+        if cfg.image_size:
+            options['image_size'] = cfg.image_size
         if cfg.images_per_class:
             options['images_per_class'] = cfg.images_per_class
     return options
@@ -73,7 +74,7 @@ def _dataset_options(cfg: FinetuneConfig) -> dict:
 def _native_size(cfg: FinetuneConfig, dataset) -> int:
     if cfg.image_size:
         return cfg.image_size
-    return int(getattr(dataset, 'image_size', 0) or 224)
+    return int(getattr(dataset, 'image_size', 0) or 224)  # rendered sets know their size; photos: ImageNet's
 
 
 def build_task(cfg: FinetuneConfig) -> Task:
@@ -108,37 +109,17 @@ def build_task(cfg: FinetuneConfig) -> Task:
 # ------------------------------------------------------------------------------------------------ the model
 def _start_backbone(cfg: FinetuneConfig, image_size: int, log) -> tuple[nn.Module, str]:
     """The backbone to fine-tune (pre-logits output) and a line saying where its weights came from."""
-    if cfg.weights == 'random':
-        return create_backbone(cfg.model, num_classes=0), f'{cfg.model}, random initialisation'
-    if cfg.weights == 'imagenet':
-        return create_backbone(cfg.model, pretrained=True, num_classes=0), f'{cfg.model}, ImageNet (timm hub)'
-    if cfg.weights == 'base':
-        from .pretrain import base_pretrained
+    if cfg.weights != 'base':
+        backbone, _, origin = load_backbone(cfg.model, cfg.weights)
+        return backbone, origin
+    from .pretrain import base_pretrained
 
-        log(f'starting point: {cfg.model} pretrained on the base classes of {cfg.data} (cached after the first run)')
-        state, path, cached = base_pretrained(cfg.model, cfg.data, image_size, cfg.base_steps, cfg.base_batch_size,
-                                              cfg.base_lr, seed=0, images_per_class=cfg.images_per_class)
-        backbone = create_backbone(cfg.model, num_classes=0)
-        backbone.load_state_dict(state)
-        return backbone, f'{cfg.model} pretrained on {cfg.data} base classes ({"cached" if cached else "new"}: {path})'
-    path = Path(cfg.weights)
-    if not path.is_file():
-        raise CheckpointError(f'--weights: no such file {path} (or use base, imagenet, random)')
-    if path.suffix == '.safetensors':
-        tensors, meta = load_checkpoint(path)
-        model_name = meta.get('model', cfg.model)
-        if model_name != cfg.model:
-            raise CheckpointError(f'{path} holds a {model_name} backbone, but --model is {cfg.model}')
-        backbone = create_backbone(cfg.model, num_classes=0)
-        tensors = {k[len('backbone.'):] if k.startswith('backbone.') else k: v for k, v in tensors.items()
-                   if not k.startswith('head.')}
-        missing, unexpected = backbone.load_state_dict(tensors, strict=False)
-        unexpected = [k for k in unexpected if not k.startswith('classifier.')]
-        if missing or unexpected:
-            raise CheckpointError(f'{path} does not fit {cfg.model}: {len(missing)} missing, {len(unexpected)} '
-                                  f'unexpected tensors (e.g. {(missing + unexpected)[0]})')
-        return backbone, f'{cfg.model} from {path}'
-    return create_backbone(cfg.model, weights=path, num_classes=0), f'{cfg.model}, transplanted from {path}'
+    log(f'starting point: {cfg.model} pretrained on the base classes of {cfg.data} (cached after the first run)')
+    state, path, cached = base_pretrained(cfg.model, cfg.data, image_size, cfg.base_steps, cfg.base_batch_size,
+                                          cfg.base_lr, seed=0, images_per_class=cfg.images_per_class)
+    backbone = create_backbone(cfg.model, num_classes=0)
+    backbone.load_state_dict(state)
+    return backbone, f'{cfg.model} pretrained on {cfg.data} base classes ({"cached" if cached else "new"}: {path})'
 
 
 def _frozen_names(backbone: nn.Module, frozen_groups: int) -> set[str]:

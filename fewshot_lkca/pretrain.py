@@ -110,6 +110,8 @@ def base_pretrained(
     options = dict(images_per_class=images_per_class) if images_per_class else {}
     if data == 'lookalike':
         options.update(image_size=image_size, cache=True)  # render each image once, augment many times
+    elif image_size <= 0:
+        raise ValueError(f'base pretraining needs an image size, got {image_size}')
     base = get_dataset(data, split='base', **options)
     torch.manual_seed(seed)
     model = create_backbone(model_name, num_classes=len(base.classes))
