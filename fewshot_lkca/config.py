@@ -53,8 +53,8 @@ class FinetuneConfig:
     head_scale: float = 10.0  # cosine-logit temperature (learnable); 10 gives confident but trainable softmax
 
     # --- optimisation ---
-    steps: int = 100  # optimizer steps; 5-way 5-shot = 25 images, so 100 steps at batch 4 = 16 passes
-    batch_size: int = 4  # memory-lean: activations scale with batch
+    steps: int = 200  # optimizer steps; 5-way 5-shot = 25 images, so 200 steps at batch 2 = 16 passes
+    batch_size: int = 2  # memory-lean: activations scale with batch (batch 2: 62x less than full fine-tuning)
     optimizer: str = 'sgd'  # 'sgd' or 'adamw'
     lr: float = 0.01
     head_lr_scale: float = 10.0  # the new head moves faster than the pretrained trunk
@@ -65,6 +65,7 @@ class FinetuneConfig:
     augment: bool = True  # albumentations pipeline for tiny support sets (fewshot_lkca.data.train_transform)
 
     # --- evaluation and output ---
+    eval_batch_size: int = 4  # prototypes and evaluation in small batches: inference must not set the job's peak
     eval_episodes: int = 600  # query draws from the held-out images of the task's classes (>= 600 for a CI)
     checkpoint_every: int = 25  # steps between resumable checkpoints
     export: list[str] = field(default_factory=list)  # formats written at the end, e.g. ['onnx', 'onnx-int8']
@@ -72,7 +73,8 @@ class FinetuneConfig:
 
     def validate(self) -> 'FinetuneConfig':
         """Refuse values that cannot work, naming the option."""
-        positive = ('n_way', 'k_shot', 'batch_size', 'eval_episodes', 'checkpoint_every', 'base_batch_size')
+        positive = ('n_way', 'k_shot', 'batch_size', 'eval_batch_size', 'eval_episodes', 'checkpoint_every',
+                    'base_batch_size')
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f'{name} must be >= 1, got {getattr(self, name)}')

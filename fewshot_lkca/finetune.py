@@ -32,7 +32,8 @@ from .models import create_backbone
 from .models.factory import BackboneError
 from .pretrain import cosine_lr
 
-__all__ = ['build_parser', 'finetune_command', 'main', 'Task', 'build_task', 'RunError']
+__all__ = ['build_parser', 'finetune_command', 'main', 'Task', 'build_task', 'RunError', 'build_classifier',
+           'set_trainable', 'train_mode', 'make_optimizer', 'train_step', 'extract_features']
 
 _logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def _frozen_names(backbone: nn.Module, frozen_groups: int) -> set[str]:
     return {name for group in ordered[:frozen_groups] for name in group}
 
 
-def _set_trainable(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
+def set_trainable(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
     backbone = model.backbone
     if cfg.method != 'finetune':
         backbone.requires_grad_(False)
@@ -143,7 +144,7 @@ def _set_trainable(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
         backbone.set_grad_checkpointing(True)
 
 
-def _train_mode(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
+def train_mode(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
     """Train mode, except BatchNorm statistics of the trunk when frozen (2-4 images make noisy statistics)."""
     model.train()
     if cfg.freeze_bn_stats or cfg.method != 'finetune':
@@ -153,9 +154,32 @@ def _train_mode(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
 
 
 @torch.no_grad()
-def _features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def extract_features(backbone: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Features in eval mode, ``batch_size`` images at a time (the memory-lean job's peak is set here too)."""
     backbone.eval()
     return torch.cat([backbone(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def build_classifier(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
+                     cfg: FinetuneConfig) -> FewShotClassifier:
+    """Backbone + cosine head (from the support set's prototypes, unless ``head_init='random'``)."""
+    feature_dim = getattr(backbone, 'head_hidden_size', None) or backbone.num_features  # pre-logits width
+    head = CosineHead(feature_dim, cfg.n_way, scale=cfg.head_scale)
+    if cfg.head_init == 'prototypes':
+        head.init_from_prototypes(extract_features(backbone, support_x, cfg.eval_batch_size), support_y)
+    return FewShotClassifier(backbone, head)
+
+
+def train_step(model: FewShotClassifier, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               cfg: FinetuneConfig) -> tuple[float, float]:
+    """One optimizer step on a batch; returns (loss, batch accuracy)."""
+    train_mode(model, cfg)
+    logits = model(images)
+    loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 def _load_images(task: Task, indices: list[int], transform) -> torch.Tensor:
@@ -225,7 +249,7 @@ def _start_run(cfg: FinetuneConfig, run: _Run) -> None:
     run.write_json(CONFIG_FILE, cfg.to_dict())
 
 
-def _make_optimizer(model: FewShotClassifier, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: FewShotClassifier, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     trunk = [p for p in model.backbone.parameters() if p.requires_grad]
     head = list(model.head.parameters())
     groups = [dict(params=head, lr=cfg.lr * cfg.head_lr_scale, base_lr=cfg.lr * cfg.head_lr_scale)]
@@ -286,19 +310,15 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
     eval_tf = eval_transform(backbone, size=task.image_size)
     support_x = _load_images(task, task.support_idx, eval_tf)
     support_y = torch.tensor(task.support_y)
-    feature_dim = getattr(backbone, 'head_hidden_size', None) or backbone.num_features  # pre-logits width
-    head = CosineHead(feature_dim, cfg.n_way, scale=cfg.head_scale)
-    if cfg.head_init == 'prototypes':
-        head.init_from_prototypes(_features(backbone, support_x), support_y)
-    model = FewShotClassifier(backbone, head)
+    model = build_classifier(backbone, support_x, support_y, cfg)
     meta = dict(model=cfg.model, classes=task.class_names, image_size=task.image_size,
                 mean=list(backbone.pretrained_cfg['mean']), std=list(backbone.pretrained_cfg['std']),
                 interpolation=backbone.pretrained_cfg.get('interpolation', 'bilinear'),
                 crop_pct=backbone.pretrained_cfg.get('crop_pct', 0.875), weights=origin, data=cfg.data)
 
     steps = cfg.steps if cfg.method != 'protonet' else 0
-    _set_trainable(model, cfg)
-    opt = _make_optimizer(model, cfg)
+    set_trainable(model, cfg)
+    opt = make_optimizer(model, cfg)
     if start_step:
         tensors, _ = load_checkpoint(run.path(MODEL_FILE))
         model.load_state_dict(tensors)
@@ -326,17 +346,12 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
             lr_factor = cosine_lr(step, steps, 1.0, warmup=cfg.warmup_steps)
             for group in opt.param_groups:
                 group['lr'] = group['base_lr'] * lr_factor
-            _train_mode(model, cfg)
-            logits = model(images)
-            loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, batch_acc = train_step(model, opt, images, labels, cfg)
             step += 1
-            run.log(dict(step=step, loss=round(loss.item(), 5), lr=opt.param_groups[0]['lr'],
-                         batch_acc=(logits.argmax(1) == labels).float().mean().item(), time=time.time()))
+            run.log(dict(step=step, loss=round(loss, 5), lr=opt.param_groups[0]['lr'], batch_acc=batch_acc,
+                         time=time.time()))
             bar.update(1)
-            bar.set_postfix(loss=f'{loss.item():.3f}')
+            bar.set_postfix(loss=f'{loss:.3f}')
             if step % cfg.checkpoint_every == 0 or step == steps:
                 _save_state(run, model, opt, step, meta)
         bar.close()
@@ -362,8 +377,9 @@ def _evaluate(model: FewShotClassifier, task: Task, cfg: FinetuneConfig, eval_tf
 
     model.eval()
     preds = []
-    for i in tqdm(range(0, len(task.pool_idx), 64), desc='evaluating', disable=not progress, unit='batch'):
-        preds.append(model(_load_images(task, task.pool_idx[i:i + 64], eval_tf)).argmax(1))
+    bs = cfg.eval_batch_size
+    for i in tqdm(range(0, len(task.pool_idx), bs), desc='evaluating', disable=not progress, unit='batch'):
+        preds.append(model(_load_images(task, task.pool_idx[i:i + bs], eval_tf)).argmax(1))
     pred = torch.cat(preds)
     truth = torch.tensor(task.pool_y)
     correct = pred == truth

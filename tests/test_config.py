@@ -77,5 +77,5 @@ def test_bad_values_are_refused():
 
 def test_apply_overrides_accepts_dashes_and_leaves_the_original():
     base = FinetuneConfig()
-    changed = apply_overrides(base, {'batch-size': 2}, source='test')
-    assert changed.batch_size == 2 and base.batch_size == 4
+    changed = apply_overrides(base, {'batch-size': 3}, source='test')
+    assert changed.batch_size == 3 and base.batch_size == FinetuneConfig().batch_size != 3

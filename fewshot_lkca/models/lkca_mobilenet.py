@@ -302,11 +302,13 @@ class LKCAMobileNet(nn.Module):
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self._check_input(x)
         x = self.bn1(self.conv_stem(x))
+        # Stage by stage, rebinding x: `self.blocks(x)` would keep the 112 px stem output alive to the end.
         if self.grad_checkpointing and not torch.jit.is_scripting():
             for stage in self.blocks:
                 x = self._run_stage(stage, x)
         else:
-            x = self.blocks(x)
+            for stage in self.blocks:
+                x = stage(x)
         return x
 
     def forward_intermediates(
