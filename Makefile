@@ -26,7 +26,7 @@ test: $(INSTALLED)
 	$(PY) -m pytest -q
 
 demo: $(INSTALLED)
-	$(PY) -m fewshot_lkca.smoke
+	$(PY) -m fewshot_lkca.finetune --overwrite
 
 # Benchmarks print Markdown tables for the README (minutes each; see README "Evidence").
 bench: $(INSTALLED)

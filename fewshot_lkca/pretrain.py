@@ -40,20 +40,22 @@ def train_supervised(
         loader,
         steps: int,
         lr: float,
-        weight_decay: float = 5e-5,
+        weight_decay: float = 0.05,
         label_smoothing: float = 0.1,
         progress: bool = True,
+        flip: bool = True,
 ) -> list[float]:
-    """Plain cross-entropy training with SGD (Nesterov) and a cosine schedule; returns the loss per step."""
+    """Plain cross-entropy training with AdamW and a warm-up + cosine schedule; returns the loss per step."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # norms and biases: decaying them only hurts
-    opt = torch.optim.SGD([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                          lr=lr, momentum=0.9, nesterov=True)
+    # AdamW: from scratch on a few thousand images, SGD at lr 0.1 stayed at chance for 600 steps (measured).
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=lr)
     model.train()
-    losses = []
+    losses, accs = [], []
     bar = tqdm(total=steps, desc='base pretraining', disable=not progress, unit='step')
     data = iter(loader)
     step = 0
@@ -65,7 +67,11 @@ def train_supervised(
             continue
         for group in opt.param_groups:
             group['lr'] = cosine_lr(step, steps, lr, warmup=min(50, steps // 10))
-        loss = nn.functional.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+        if flip:  # a mirrored object is the same object
+            mirrored = torch.rand(len(images)) < 0.5
+            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -73,7 +79,10 @@ def train_supervised(
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f'{loss.item():.3f}')
+        accs.append((logits.argmax(1) == labels).float().mean().item())
     bar.close()
+    tail = max(1, len(accs) // 10)
+    _logger.info('base pretraining: final train accuracy %.3f (last %d steps)', sum(accs[-tail:]) / tail, tail)
     return losses
 
 
@@ -97,10 +106,10 @@ def base_pretrained(
     Returns:
         The backbone state_dict (without classifier), the cache file, and whether it came from the cache.
     """
-    from .data import get_dataset, labelled_loader, train_transform
+    from .data import eval_transform, get_dataset, labelled_loader
 
     settings = dict(model=model_name, data=data, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr,
-                    seed=seed, images_per_class=images_per_class, recipe='supervised-v1')
+                    seed=seed, images_per_class=images_per_class, recipe='supervised-v2')
     name = f'{model_name}-{Path(str(data)).name}-{image_size}px-{_cache_key(settings)}.safetensors'
     path = cache_dir() / 'base' / name
     if path.is_file():
@@ -115,7 +124,9 @@ def base_pretrained(
     base = get_dataset(data, split='base', **options)
     torch.manual_seed(seed)
     model = create_backbone(model_name, num_classes=len(base.classes))
-    loader = labelled_loader(base, batch_size, transform=train_transform(model, size=image_size), seed=seed,
+    # Light augmentation (random mirror only): with the few-shot pipeline's crops, colour and blur on top of the
+    # renderer's own nuisances, 600 steps from scratch stayed at chance (measured: 4% train accuracy on 46 classes).
+    loader = labelled_loader(base, batch_size, transform=eval_transform(model, size=image_size), seed=seed,
                              drop_last=True)
     start = time.perf_counter()
     losses = train_supervised(model, loader, steps, lr, progress=progress)
