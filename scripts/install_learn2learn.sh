@@ -22,7 +22,10 @@ rm -f learn2learn/data/*.c
 # (invalid 'numpy>=1<2' specifier); drop them so pip's resolver does not chase them later.
 sed -i -e "/'gsutil',/d" -e "/'qpth>=/d" setup.py
 # setup.py only re-cythonizes when build_ext is named on the command line.
-"$PY" setup.py -q build_ext bdist_wheel >/dev/null
+# Compiler chatter goes to a log that is shown only if the build fails.
+if ! "$PY" setup.py -q build_ext bdist_wheel >"$work/build.log" 2>&1; then
+  cat "$work/build.log" >&2; echo "learn2learn build failed (log above)" >&2; exit 1
+fi
 # Import-time needs of learn2learn.
 "$PY" -m pip install -q -c "$ROOT/constraints.txt" gym scipy requests tqdm
 "$PY" -m pip install -q --no-deps dist/*.whl
