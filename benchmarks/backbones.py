@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fewshot_lkca
+from benchmarks.common import cpu_name
 from fewshot_lkca.models import MIN_INPUT_SIZE
 from fewshot_lkca.models.factory import BackboneError
 
@@ -195,19 +196,6 @@ def format_table(rows: Sequence[dict], onnx: bool) -> str:
     return '\n'.join(lines)
 
 
-def _cpu_name() -> str:
-    """platform.processor() is empty on most Linux systems: fall back to /proc/cpuinfo's model name."""
-    if platform.processor():
-        return platform.processor()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return 'unknown cpu'
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='python -m benchmarks.backbones', description=__doc__.split('\n\n')[0],
@@ -243,7 +231,7 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     per_round = math.ceil(args.runs / args.rounds)
     meta = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        cpu=f'{_cpu_name()}/{platform.machine()}', torch=torch.__version__, threads=args.threads, size=args.size,
+        cpu=f'{cpu_name()}/{platform.machine()}', torch=torch.__version__, threads=args.threads, size=args.size,
         batch=1, samples=per_round * args.rounds, rounds=args.rounds, warmup=args.warmup,
         seconds=round(time.perf_counter() - started, 1))
     if args.onnx:

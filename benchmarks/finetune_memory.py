@@ -76,6 +76,7 @@ import torch
 from torch import nn
 
 import fewshot_lkca
+from benchmarks.common import cpu_name
 from fewshot_lkca.config import ConfigError, FinetuneConfig, apply_overrides, list_recipes, load_recipe
 from fewshot_lkca.finetune import build_classifier, extract_features, make_optimizer, set_trainable, train_step
 from fewshot_lkca.heads import FewShotClassifier
@@ -467,18 +468,6 @@ def format_details(rows: Sequence[dict]) -> str:
     return '\n'.join(lines)
 
 
-def _cpu_name() -> str:
-    if platform.processor():
-        return platform.processor()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return 'unknown cpu'
-
-
 # ------------------------------------------------------------------------------------------------ the CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -537,7 +526,7 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     meta = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        cpu=f'{_cpu_name()}/{platform.machine()}', cores=os.cpu_count(), torch=torch.__version__,
+        cpu=f'{cpu_name()}/{platform.machine()}', cores=os.cpu_count(), torch=torch.__version__,
         timm=timm.__version__, threads=args.threads, size=args.size, n_way=args.ways, k_shot=args.shots,
         rss_steps=None if args.no_rss else args.rss_steps, rss_repeats=None if args.no_rss else args.rss_repeats,
         unit='MiB', seconds=round(time.perf_counter() - started, 1))
