@@ -94,7 +94,9 @@ def build_task(cfg: FinetuneConfig) -> Task:
         n, name = small[0]
         raise ConfigError(f"class '{name}' has {n} images; {cfg.k_shot} shots + {cfg.n_query} queries need {need} "
                           f'(lower --shots/--queries or add images)')
-    plan = EpisodeSampler(dataset, cfg.n_way, cfg.k_shot, 0, seed=cfg.seed, drop_small_classes=bool(small)).plan(0)
+    # Sampling with n_query keeps classes too small for an evaluation episode out of the task (with a warning).
+    plan = EpisodeSampler(dataset, cfg.n_way, cfg.k_shot, cfg.n_query, seed=cfg.seed,
+                          drop_small_classes=bool(small)).plan(0)
     label_of = {name: y for y, name in enumerate(plan.class_names)}
     support = set(plan.support_idx)
     pool_idx, pool_y = [], []

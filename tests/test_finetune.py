@@ -173,3 +173,14 @@ def test_incompatible_checkpoint_is_refused(folder, tmp_path):
     with pytest.raises(SystemExit, match='holds a lkca_mobilenet backbone, but --model is lkca_mobilenet_dw3'):
         main(['--data', str(folder), '--out', str(tmp_path / 'r2'), '--ways', '3', '--shots', '2', '--queries', '4',
               '--weights', str(run / 'model.safetensors'), '--model', 'lkca_mobilenet_dw3', '--no-progress'])
+
+
+def test_classes_too_small_for_an_episode_are_left_out_of_the_task(folder, tmp_path):
+    import shutil
+    for extra in ('a_tiny', 'b_tiny'):
+        (folder / extra).mkdir()
+        for i in range(3):  # fewer than k_shot + n_query = 6
+            shutil.copy(folder / 'red_disc' / f'{i}.png', folder / extra / f'{i}.png')
+    with pytest.warns(UserWarning, match='fewer than k_shot \\+ n_query'):
+        metrics = finetune_command(_cfg(folder, tmp_path / 'run', steps=1), progress=False, log=lambda *_: None)
+    assert sorted(metrics['task']['classes']) == sorted(COLOURS)
