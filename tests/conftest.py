@@ -1,7 +1,9 @@
 """Shared fixtures: where ../shared is, and skips with a reason when it is absent (a user's clone has none)."""
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
@@ -29,3 +31,26 @@ def mnv3_weights() -> Path:
 @pytest.fixture(scope='session')
 def omniglot_dir() -> Path:
     return _require(OMNIGLOT)
+
+
+COLOURS = {'red_disc': (200, 40, 40), 'green_bar': (40, 180, 60), 'blue_square': (40, 60, 200)}
+
+
+def make_shapes_folder(root: Path, per_class: int = 12) -> Path:
+    """A tiny image folder: three classes of coloured shapes on noise, 48 px."""
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = Image.fromarray(rng.integers(0, 60, (48, 48, 3), dtype=np.uint8))
+            draw = ImageDraw.Draw(image)
+            x, y = rng.integers(4, 20, 2)
+            box = [int(x), int(y), int(x) + 22, int(y) + 22]
+            if 'disc' in name:
+                draw.ellipse(box, fill=colour)
+            elif 'bar' in name:
+                draw.rectangle([box[0], box[1], box[0] + 6, box[3]], fill=colour)
+            else:
+                draw.rectangle(box, fill=colour)
+            image.save(root / name / f'{i}.png')
+    return root

@@ -4,35 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from conftest import COLOURS, make_shapes_folder
 
 from fewshot_lkca.checkpoint import load_checkpoint
 from fewshot_lkca.config import FinetuneConfig, apply_overrides
 from fewshot_lkca.finetune import RunError, finetune_command, main
-
-COLOURS = {'red_disc': (200, 40, 40), 'green_bar': (40, 180, 60), 'blue_square': (40, 60, 200)}
-
-
-def _make_folder(root: Path, per_class: int = 12) -> Path:
-    rng = np.random.default_rng(0)
-    for name, colour in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            image = Image.fromarray(rng.integers(0, 60, (48, 48, 3), dtype=np.uint8))
-            draw = ImageDraw.Draw(image)
-            x, y = rng.integers(4, 20, 2)
-            box = [int(x), int(y), int(x) + 22, int(y) + 22]
-            if 'disc' in name:
-                draw.ellipse(box, fill=colour)
-            elif 'bar' in name:
-                draw.rectangle([box[0], box[1], box[0] + 6, box[3]], fill=colour)
-            else:
-                draw.rectangle(box, fill=colour)
-            image.save(root / name / f'{i}.png')
-    return root
 
 
 def _cfg(data: Path, out: Path, **changes) -> FinetuneConfig:
@@ -44,7 +22,7 @@ def _cfg(data: Path, out: Path, **changes) -> FinetuneConfig:
 
 @pytest.fixture
 def folder(tmp_path):
-    return _make_folder(tmp_path / 'data')
+    return make_shapes_folder(tmp_path / 'data')
 
 
 def test_run_directory_holds_everything(folder, tmp_path):
