@@ -34,12 +34,13 @@ def omniglot_dir() -> Path:
 
 
 COLOURS = {'red_disc': (200, 40, 40), 'green_bar': (40, 180, 60), 'blue_square': (40, 60, 200)}
+RING = {'yellow_ring': (230, 210, 40)}  # a fourth class for tests that need more ways
 
 
-def make_shapes_folder(root: Path, per_class: int = 12) -> Path:
-    """A tiny image folder: three classes of coloured shapes on noise, 48 px."""
+def make_shapes_folder(root: Path, per_class: int = 12, classes: dict | None = None) -> Path:
+    """A tiny image folder: one class per coloured shape (disc, bar, square, ring) on noise, 48 px."""
     rng = np.random.default_rng(0)
-    for name, colour in COLOURS.items():
+    for name, colour in (classes or COLOURS).items():
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             image = Image.fromarray(rng.integers(0, 60, (48, 48, 3), dtype=np.uint8))
@@ -50,6 +51,8 @@ def make_shapes_folder(root: Path, per_class: int = 12) -> Path:
                 draw.ellipse(box, fill=colour)
             elif 'bar' in name:
                 draw.rectangle([box[0], box[1], box[0] + 6, box[3]], fill=colour)
+            elif 'ring' in name:
+                draw.ellipse(box, outline=colour, width=4)
             else:
                 draw.rectangle(box, fill=colour)
             image.save(root / name / f'{i}.png')

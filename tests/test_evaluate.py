@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from conftest import COLOURS, RING, make_shapes_folder
 
 import fewshot_lkca.evaluate as ev
 from fewshot_lkca.checkpoint import load_checkpoint, save_checkpoint
@@ -14,36 +14,14 @@ from fewshot_lkca.config import FinetuneConfig, apply_overrides
 from fewshot_lkca.evaluate import EvalConfig, evaluate_command, load_backbone, main, nearest_neighbour_errors
 from fewshot_lkca.finetune import finetune_command
 
-SHAPES = {'red_disc': (210, 40, 40), 'green_bar': (40, 190, 60), 'blue_square': (40, 60, 210),
-          'yellow_ring': (230, 210, 40)}
+SHAPES = {**COLOURS, **RING}
 PER_CLASS = 10
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
-def _make_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for name, colour in SHAPES.items():
-        (root / name).mkdir(parents=True)
-        for i in range(PER_CLASS):
-            image = Image.fromarray(rng.integers(0, 50, (48, 48, 3), dtype=np.uint8))
-            draw = ImageDraw.Draw(image)
-            x, y = (int(v) for v in rng.integers(3, 20, 2))
-            box = [x, y, x + 24, y + 24]
-            if name == 'red_disc':
-                draw.ellipse(box, fill=colour)
-            elif name == 'green_bar':
-                draw.rectangle([x, y, x + 7, y + 24], fill=colour)
-            elif name == 'blue_square':
-                draw.rectangle(box, fill=colour)
-            else:
-                draw.ellipse(box, outline=colour, width=4)
-            image.save(root / name / f'{i}.png')
-    return root
-
-
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory) -> Path:
-    return _make_folder(tmp_path_factory.mktemp('shapes'))
+    return make_shapes_folder(tmp_path_factory.mktemp('shapes'), PER_CLASS, SHAPES)
 
 
 def _cfg(folder: Path, **changes) -> EvalConfig:
