@@ -33,7 +33,8 @@ def run_tasks(recipes: list[str], tasks: int, overrides: dict[str, str], out: Pa
     for task in range(first_task, first_task + tasks):
         for recipe in recipes:
             cfg = apply_overrides(load_recipe(recipe), overrides, source='--set', from_text=True)
-            cfg = apply_overrides(cfg, dict(seed=task, out=str(out / f'{recipe}-task{task}')), source='bench')
+            cfg = apply_overrides(cfg, dict(seed=task, out=str(out / f'{recipe}-task{task}'), export=[]),
+                                  source='bench')  # accuracy only: no artifacts
             metrics = finetune_command(cfg.validate(), overwrite=True, progress=progress, log=lambda *_: None)
             results[recipe].append(metrics['episodes']['mean'])
     return results

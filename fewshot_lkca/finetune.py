@@ -370,6 +370,9 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
     run.write_json(METRICS_FILE, metrics)
     run.path(STATE_FILE).unlink(missing_ok=True)  # optimizer state is only for resuming
     _summary(metrics, cfg, run, log)
+    if cfg.export:  # after metrics.json: a failed export is a warning, never a lost run
+        from .export import export_after_finetune
+        export_after_finetune(run.root, cfg.export, task=task, log=log)
     return metrics
 
 

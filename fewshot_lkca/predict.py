@@ -1,0 +1,343 @@
+"""Classify images with an exported model: ``python -m fewshot_lkca.predict MODEL.onnx IMAGE...``.
+
+Runs on onnxruntime, numpy and Pillow alone (no torch, no timm, no OpenCV), so it runs on a device that holds only
+the exported file. Everything it needs travels inside the ONNX model's metadata (written by `fewshot_lkca.export`):
+class names and the evaluation preprocessing of the run. That preprocessing is reproduced here to match
+`fewshot_lkca.data.eval_transform`: resize the shorter side to ``image_size / crop_pct`` with OpenCV's
+interpolation rules (reimplemented in numpy), centre crop ``image_size``, ``(x / 255 - mean) / std``.
+
+Examples::
+
+    python -m fewshot_lkca.predict runs/my-run/model.onnx photo1.jpg photo2.png
+    python -m fewshot_lkca.predict runs/my-run/model.int8.onnx photos/*.jpg --top-k 3 --json
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ['PredictError', 'OnnxClassifier', 'encode_metadata', 'decode_metadata', 'load_rgb', 'resize',
+           'preprocess', 'build_parser', 'predict_command', 'main']
+
+MAX_PIXELS = 50_000_000  # the data layer's limit: a decompression bomb is refused before decoding
+MARKER = 'fewshot_lkca'  # metadata key naming the exporting package version: "one of our models"
+# metadata key -> type; lists are stored as JSON, everything else as text (ONNX metadata values are strings)
+_FIELDS = {'model': str, 'classes': list, 'image_size': int, 'mean': list, 'std': list, 'interpolation': str,
+           'crop_pct': float}
+_ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
+class PredictError(ValueError):
+    """A model or an image cannot be used (missing, unreadable, not exported by this package)."""
+
+
+# ------------------------------------------------------------------------------------------------- metadata
+def encode_metadata(meta: dict) -> dict[str, str]:
+    """Metadata values as ONNX ``metadata_props`` strings: text stays text, everything else becomes JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in meta.items()}
+
+
+def decode_metadata(props: dict[str, str], source: str = 'the model') -> dict:
+    """The preprocessing and class names stored by `encode_metadata`, checked.
+
+    Raises:
+        PredictError: ``props`` lack our marker or a field, or a field does not parse.
+    """
+    if MARKER not in props:
+        raise PredictError(f'{source} is not a fewshot_lkca model (no class names or preprocessing in its metadata); '
+                           'export a run with: python -m fewshot_lkca.export RUN_DIR')
+    meta = dict(props)
+    for key, kind in _FIELDS.items():
+        if key not in props:
+            raise PredictError(f"{source}: metadata lacks '{key}' (re-export it with python -m fewshot_lkca.export)")
+        try:
+            value = kind(props[key]) if kind is not list else json.loads(props[key])
+        except ValueError:
+            raise PredictError(f"{source}: metadata '{key}' does not parse: {props[key][:80]!r}") from None
+        if kind is list and not isinstance(value, list):
+            raise PredictError(f"{source}: metadata '{key}' must be a JSON list, got {props[key][:80]!r}")
+        meta[key] = value
+    if len(meta['mean']) != 3 or len(meta['std']) != 3 or not 0 < meta['crop_pct'] <= 1 or meta['image_size'] < 1:
+        raise PredictError(f'{source}: metadata holds unusable preprocessing (mean {meta["mean"]}, std {meta["std"]}, '
+                           f'crop_pct {meta["crop_pct"]}, image_size {meta["image_size"]})')
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------- images
+def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An upright HxWx3 uint8 RGB array, converted as the data layer (`fewshot_lkca.data.load_image`) does.
+
+    Alpha is composited on white, 16-bit grayscale scaled (65535 -> 255), EXIF orientation applied; empty, unknown,
+    corrupt and oversized (over ``max_pixels``, checked from the header) files are refused.
+
+    Raises:
+        PredictError: The file is missing, not an image, corrupt or too large.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f'{path}: no such file' if not path.exists() else f'{path}: not a file')
+    if path.stat().st_size == 0:
+        raise PredictError(f'{path}: empty file (0 bytes)')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # our own, lower limit follows
+            image = Image.open(path)
+    except UnidentifiedImageError:
+        raise PredictError(f'{path}: not an image file Pillow can read') from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise PredictError(f'{path}: cannot read ({e})') from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise PredictError(f'{path}: refused, {width}x{height} px is over the {max_pixels / 1e6:.0f} MP limit')
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise PredictError(f'{path}: cannot decode ({e})') from None
+
+
+def _to_rgb(image) -> np.ndarray:
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(image).astype(np.float32)
+        if gray.max(initial=0) > 65535 or gray.min(initial=0) < 0:  # genuine 32-bit data: stretch its range
+            gray = (gray - gray.min()) * (65535.0 / max(float(np.ptp(gray)), 1.0))
+        return np.repeat(np.rint(gray / 257.0).astype(np.uint8)[:, :, None], 3, axis=2)
+    if image.mode == 'F':
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        gray = (gray - gray.min()) * (255.0 / max(float(np.ptp(gray)), 1e-12))
+        return np.repeat(np.rint(gray).astype(np.uint8)[:, :, None], 3, axis=2)
+    if image.mode in _ALPHA_MODES or (image.mode == 'P' and 'transparency' in image.info):
+        rgba = image.convert('RGBA')
+        image = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
+    return np.array(image if image.mode == 'RGB' else image.convert('RGB'), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------- resizing
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """OpenCV's bicubic kernel (a = -0.75) at the 4 taps around a fractional position ``t`` in [0, 1)."""
+    a = -0.75
+    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    return np.stack([w0, w1, w2, 1 - w0 - w1 - w2], axis=1)
+
+
+def _taps(src: int, dst: int, kind: str, shrink: bool, rows: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights, both (dst, taps), of one axis, following OpenCV's ``cv2.resize`` rules.
+
+    ``rows`` marks the vertical axis: OpenCV clamps a linear tap's position at the image border horizontally but
+    only its row index vertically.
+    """
+    scale = 1.0 / (dst / src)  # as OpenCV computes it: floor() of a product can differ from src / dst's
+    d = np.arange(dst, dtype=np.float64)
+    if kind == 'nearest':  # OpenCV's nearest has no half-pixel offset
+        idx = np.minimum(np.floor(d * scale), src - 1).astype(np.int64)[:, None]
+        return idx, np.ones(idx.shape)
+    if kind == 'area' and shrink:  # each output pixel averages the input area it covers
+        lo = d * scale
+        hi = np.minimum(lo + scale, src)
+        idx = np.floor(lo).astype(np.int64)[:, None] + np.arange(int(np.ceil(scale)) + 1)
+        w = np.clip(np.minimum(hi[:, None], idx + 1) - np.maximum(lo[:, None], idx), 0, None)
+        return np.minimum(idx, src - 1), w / w.sum(axis=1, keepdims=True)
+    if kind == 'area':  # OpenCV enlarges with 'area' as a linear filter with sharper weights
+        base = np.floor(d * scale)
+        frac = (d + 1) - (base + 1) / scale
+        frac = np.where(frac <= 0, 0.0, frac - np.floor(frac)).astype(np.float32).astype(np.float64)
+    else:
+        centre = ((d + 0.5) * scale - 0.5).astype(np.float32).astype(np.float64)  # OpenCV computes it in float32
+        base = np.floor(centre)
+        frac = centre - base
+    base = base.astype(np.int64)
+    if kind == 'cubic':  # taps outside the image repeat the border pixel
+        return np.clip(base[:, None] + np.arange(-1, 3), 0, src - 1), _cubic_weights(frac)
+    if not rows:
+        frac = np.where((base < 0) | (base >= src - 1), 0.0, frac)  # outside: the border pixel, unblended
+    idx = np.clip(np.stack([base, base + 1], axis=1), 0, src - 1)
+    return idx, np.stack([1 - frac, frac], axis=1)
+
+
+def _linear_fixed_point(image: np.ndarray, height: int, width: int, kind: str) -> np.ndarray:
+    """OpenCV's two-tap uint8 resize, bit for bit: 11-bit weights, then its rounding of the vertical pass."""
+    ix, wx = _taps(image.shape[1], width, kind, False, rows=False)
+    iy, wy = _taps(image.shape[0], height, kind, False, rows=True)
+    cx, cy = np.rint(wx * 2048).astype(np.int32), np.rint(wy * 2048).astype(np.int32)
+    pixels = image.astype(np.int32)
+    rows = pixels[:, ix[:, 0]] * cx[None, :, 0, None] + pixels[:, ix[:, 1]] * cx[None, :, 1, None]  # x 2048
+    top, bottom = rows[iy[:, 0]] >> 4, rows[iy[:, 1]] >> 4
+    out = (((top * cy[:, 0, None, None]) >> 16) + ((bottom * cy[:, 1, None, None]) >> 16) + 2) >> 2
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def resize(image: np.ndarray, height: int, width: int, interpolation: str = 'bilinear') -> np.ndarray:
+    """Resize an HxWxC uint8 image as ``cv2.resize`` does (bilinear bit for bit, others within one grey level).
+
+    Args:
+        image: HxWxC uint8.
+        height: Output height.
+        width: Output width.
+        interpolation: A timm interpolation name: 'bicubic', 'nearest', 'area'; anything else is bilinear (the
+            same mapping as `fewshot_lkca.data.transforms`).
+
+    Example:
+        >>> resize(np.zeros((4, 6, 3), np.uint8), 2, 3).shape
+        (2, 3, 3)
+    """
+    kind = {'bicubic': 'cubic', 'nearest': 'nearest', 'area': 'area'}.get(interpolation, 'linear')
+    src_h, src_w = image.shape[:2]
+    if (src_h, src_w) == (height, width):
+        return image
+    shrink = src_h >= height and src_w >= width  # OpenCV averages areas only when neither side grows
+    if kind == 'linear' or (kind == 'area' and not shrink):
+        return _linear_fixed_point(image, height, width, kind)
+    out = image
+    for axis, (src, dst) in ((1, (src_w, width)), (0, (src_h, height))):  # OpenCV: horizontal pass first
+        idx, w = _taps(src, dst, kind, shrink, rows=axis == 0)
+        moved = np.moveaxis(out, axis, 0)  # (src, other, C)
+        out = np.moveaxis(np.einsum('dk...,dk->d...', moved[idx], w.astype(np.float32)), 0, axis)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def preprocess(image: np.ndarray, meta: dict) -> np.ndarray:
+    """HxWx3 uint8 RGB -> 3 x S x S float32, as `fewshot_lkca.data.eval_transform` does for the same settings.
+
+    Args:
+        image: The image (e.g. from `load_rgb`).
+        meta: ``image_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std`` (see `decode_metadata`).
+    """
+    side = meta['image_size']
+    short = round(side / meta['crop_pct'])
+    h, w = image.shape[:2]
+    scale = short / min(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    image = resize(image, new_h, new_w, meta['interpolation'])
+    top, left = (new_h - side) // 2, (new_w - side) // 2
+    crop = image[top:top + side, left:left + side]
+    # one lookup table per channel, as albumentations normalises uint8 images
+    mean = np.asarray(meta['mean'], np.float32)[:, None] * 255
+    std = np.asarray(meta['std'], np.float32)[:, None] * 255
+    lut = (np.arange(256, dtype=np.float32) - mean) * (np.float32(1) / std)
+    return np.stack([lut[c][crop[:, :, c]] for c in range(3)])
+
+
+# ------------------------------------------------------------------------------------------------- the model
+class OnnxClassifier:
+    """An exported fewshot_lkca ONNX model (fp32 or int8) with its class names and preprocessing.
+
+    Args:
+        path: The ``.onnx`` file written by ``python -m fewshot_lkca.export``.
+        threads: onnxruntime intra-op threads; 0 lets onnxruntime choose.
+
+    Raises:
+        PredictError: Missing file, not an ONNX model, or an ONNX model without our metadata.
+
+    Example:
+        >>> clf = OnnxClassifier('runs/my-run/model.onnx')  # doctest: +SKIP
+        >>> clf.classify(['photo.jpg'], top_k=2)  # doctest: +SKIP
+        [{'image': 'photo.jpg', 'top': [{'class': 'knife-011', 'probability': 0.91}, ...]}]
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 0):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise PredictError(f'{self.path}: no such model file')
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only: the optimiser's notes are not the user's business
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=['CPUExecutionProvider'])
+        except Exception as e:  # onnxruntime raises its own exception types, not importable by name
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PredictError(f'{self.path}: not an ONNX model onnxruntime can load ({first[:160]})') from None
+        self.meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise PredictError(f'{self.path}: expected one image input (N, 3, H, W), got '
+                               f'{[(i.name, i.shape) for i in inputs]}')
+        self.input_name = inputs[0].name
+        batch = inputs[0].shape[0]
+        self.max_batch = batch if isinstance(batch, int) and batch > 0 else 16  # dynamic batch: 16 at a time
+        self.classes = list(self.meta['classes'])
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, classes) softmax probabilities of a preprocessed (N, 3, S, S) float32 batch."""
+        rows = []
+        for i in range(0, len(batch), self.max_batch):
+            (logits,) = self.session.run(None, {self.input_name: batch[i:i + self.max_batch]})
+            rows.append(logits)
+        logits = np.concatenate(rows).astype(np.float64)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def classify(self, images: list[str | os.PathLike], top_k: int = 5) -> list[dict]:
+        """Top-``top_k`` classes of each image file, most probable first.
+
+        Every image is read before the model runs, so a bad file fails the call before any result.
+
+        Raises:
+            PredictError: An image is missing, unreadable, or not an image.
+        """
+        batch = np.stack([preprocess(load_rgb(p), self.meta) for p in images])
+        probs = self.probabilities(batch)
+        k = min(top_k, len(self.classes))
+        results = []
+        for path, row in zip(images, probs, strict=True):
+            order = np.argsort(-row, kind='stable')[:k]
+            results.append(dict(image=str(path),
+                                top=[dict(label=self.classes[c], probability=float(row[c])) for c in order]))
+        return results
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog='fewshot-lkca predict', description=__doc__.splitlines()[0])
+    parser.add_argument('model', type=Path, help='an ONNX model written by fewshot_lkca.export (fp32 or int8)')
+    parser.add_argument('images', type=Path, nargs='+', metavar='IMAGE', help='image files to classify')
+    parser.add_argument('--top-k', type=int, default=5, help='classes to show per image (default 5)')
+    parser.add_argument('--json', action='store_true', help='print one JSON document instead of text')
+    parser.add_argument('--threads', type=int, default=0, help='onnxruntime threads (default: its own choice)')
+    return parser
+
+
+def predict_command(model: Path, images: list[Path], top_k: int = 5, as_json: bool = False, threads: int = 0,
+                    out=print) -> list[dict]:
+    """Classify ``images`` with ``model`` and print the result; returns it too."""
+    if top_k < 1:
+        raise PredictError(f'--top-k must be >= 1, got {top_k}')
+    if threads < 0:
+        raise PredictError(f'--threads must be >= 0, got {threads}')
+    clf = OnnxClassifier(model, threads=threads)
+    results = clf.classify(images, top_k=top_k)
+    if as_json:
+        out(json.dumps(dict(model=str(model), classes=clf.classes, results=results), indent=2))
+        return results
+    width = max(len(c) for c in clf.classes)
+    for result in results:
+        out(result['image'])
+        for item in result['top']:
+            out(f'  {item["label"]:<{width}}  {100 * item["probability"]:5.1f} %')
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        predict_command(args.model, args.images, top_k=args.top_k, as_json=args.json, threads=args.threads)
+    except PredictError as e:
+        raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+    main()
