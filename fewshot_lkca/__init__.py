@@ -20,9 +20,13 @@ __all__ = ['create_backbone', 'list_backbones', '__version__']
 _MODELS = f'{__name__}.models'
 
 
-def _register_models() -> None:
-    if _MODELS not in sys.modules:  # also true while models itself is importing timm: it finishes on its own
-        importlib.import_module(_MODELS)
+def _register_models(layers_ready: bool = False) -> None:
+    if _MODELS in sys.modules:  # also true while models itself is importing timm: it finishes on its own
+        return
+    layers = sys.modules.get(f'{__name__}.layers')
+    if not layers_ready and layers is not None and getattr(layers.__spec__, '_initializing', False):
+        return  # timm was first imported by our layers, which models needs whole: layers registers at its end
+    importlib.import_module(_MODELS)
 
 
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):

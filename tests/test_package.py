@@ -19,3 +19,15 @@ def test_import_is_light_and_registers_models():
     extra_top_level = {m.split('.')[0] for m in ours - timm_alone}
     assert extra_top_level <= {'fewshot_lkca'}, f'import fewshot_lkca pulled in: {sorted(extra_top_level)}'
     assert not {m for m in HEAVY if m in timm_alone}, 'timm itself now imports one of HEAVY: recheck this test'
+
+
+def test_models_register_whatever_the_import_order():
+    # The package import loads no torch (the predictor runs without it), so registration rides on timm's import;
+    # importing our layers first imports timm from inside them, which must not leave the models unregistered.
+    orders = ['import fewshot_lkca, timm', 'import timm, fewshot_lkca',
+              'from fewshot_lkca.layers import LKCA; import timm',
+              'from fewshot_lkca.layers.lkca import LKCA; import timm',
+              'from fewshot_lkca.data import eval_transform; import timm']
+    for statement in orders:
+        _imported_modules(f"{statement}\nassert timm.is_model('lkca_mobilenet'), {statement!r}")
+    assert 'torch' not in _imported_modules('import fewshot_lkca')
