@@ -18,8 +18,9 @@ $(VENV)/.learn2learn: $(PY) constraints.txt scripts/install_learn2learn.sh
 	bash scripts/install_learn2learn.sh $(PY)
 	touch $@
 
+# The device extra (ExecuTorch, NCNN: ~0.5 GB, 30 s) is installed too, so that tests cover every export format.
 $(INSTALLED): $(VENV)/.learn2learn pyproject.toml
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,plots]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,plots,device]"
 	touch $@
 
 test: $(INSTALLED)
