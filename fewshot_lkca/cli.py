@@ -5,9 +5,12 @@ import sys
 
 # subcommand -> module; modules are imported only when their subcommand runs, so `--help` stays fast.
 SUBCOMMANDS = {
+    'pretrain': 'fewshot_lkca.pretrain',
     'finetune': 'fewshot_lkca.finetune',
     'smoke': 'fewshot_lkca.smoke',
     'evaluate': 'fewshot_lkca.evaluate',
+    'export': 'fewshot_lkca.export',
+    'predict': 'fewshot_lkca.predict',  # onnxruntime only: importing it loads no torch
     'models': None,
 }
 

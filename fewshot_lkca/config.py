@@ -2,6 +2,10 @@
 
 Precedence: the dataclass defaults < the recipe file < ``--key=value`` on the command line. Unknown keys and values
 of the wrong type are refused with a one-line message (and a "did you mean" where one is close).
+
+The recipe machinery works for any config dataclass (pretraining's `PretrainConfig` lives in
+`fewshot_lkca.pretrain`). A dataclass names its kind of recipe in a ``recipe_kind`` class attribute; a recipe file's
+kind is its name's prefix: ``recipes/pretrain_*.yaml`` are pretraining recipes, every other file is a fine-tuning one.
 """
 import dataclasses
 import difflib
@@ -70,7 +74,8 @@ class FinetuneConfig:
     eval_batch_size: int = 4  # prototypes and evaluation in small batches: inference must not set the job's peak
     eval_episodes: int = 600  # query draws from the held-out images of the task's classes (>= 600 for a CI)
     checkpoint_every: int = 25  # steps between resumable checkpoints
-    export: list[str] = field(default_factory=list)  # formats written at the end, e.g. ['onnx', 'onnx-int8']
+    # formats exported into the run directory at the end (fewshot_lkca.export.FORMATS); [] = none
+    export: list[str] = field(default_factory=lambda: ['onnx', 'onnx-int8'])
     out: str = ''  # run directory; '' = runs/<data>-<model>-<n_way>w<k_shot>s-seed<seed>
 
     def validate(self) -> 'FinetuneConfig':
@@ -97,23 +102,35 @@ class FinetuneConfig:
             raise ConfigError(f'label_smoothing must be in [0, 1), got {self.label_smoothing}')
         if self.lr <= 0 or self.head_scale <= 0:
             raise ConfigError('lr and head_scale must be > 0')
+        if self.export:  # unknown formats and missing packages fail now, not after the run
+            from .export import ExportError, check_formats
+            try:
+                check_formats(self.export)
+            except ExportError as e:
+                raise ConfigError(f'export: {e}') from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _did_you_mean(key: str) -> str:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+_FIELDS = _fields(FinetuneConfig)
+# Recipe kind -> file-name prefix of its recipes in recipes/; files without a listed prefix are fine-tuning recipes.
+_RECIPE_PREFIXES = {'pretrain': 'pretrain_'}
+
+
+def _did_you_mean(key: str, names=_FIELDS) -> str:
+    close = difflib.get_close_matches(key, list(names), n=1)
     return f"; did you mean '{close[0]}'?" if close else ''
 
 
-def _coerce(key: str, value: Any, from_text: bool) -> Any:
-    """Check (YAML) or convert (command-line text) ``value`` to the type of field ``key``."""
-    hint = typing.get_type_hints(FinetuneConfig)[key]
+def _coerce(key: str, value: Any, from_text: bool, cls: type = FinetuneConfig) -> Any:
+    """Check (YAML) or convert (command-line text) ``value`` to the type of field ``key`` of dataclass ``cls``."""
+    hint = typing.get_type_hints(cls)[key]
     origin = typing.get_origin(hint)
     if origin is list or hint is list:
         if from_text:
@@ -162,50 +179,70 @@ def _coerce(key: str, value: Any, from_text: bool) -> Any:
 
 def apply_overrides(cfg: FinetuneConfig, overrides: dict[str, Any], source: str, from_text: bool = False
                     ) -> FinetuneConfig:
-    """A copy of ``cfg`` with ``overrides`` applied; ``source`` names where they came from in errors."""
+    """A copy of ``cfg`` (any config dataclass) with ``overrides`` applied; ``source`` names where they came from."""
+    fields = _fields(type(cfg))
     changes = {}
     for key, value in overrides.items():
         key = key.replace('-', '_')
-        if key not in _FIELDS:
-            raise ConfigError(f"unknown option '{key}' in {source}{_did_you_mean(key)}")
+        if key not in fields:
+            raise ConfigError(f"unknown option '{key}' in {source}{_did_you_mean(key, fields)}")
         try:
-            changes[key] = _coerce(key, value, from_text)
+            changes[key] = _coerce(key, value, from_text, type(cfg))
         except ConfigError as e:
             raise ConfigError(f'{source}: {e}') from None
     return dataclasses.replace(cfg, **changes)
 
 
-def list_recipes() -> list[str]:
-    """Recipe names in recipes/ (a recipe is also accepted as a path to any YAML file)."""
-    return sorted(p.stem for p in RECIPE_DIR.glob('*.yaml'))
+def _recipe_kind_of(name: str) -> str:
+    return next((kind for kind, prefix in _RECIPE_PREFIXES.items() if name.startswith(prefix)), 'finetune')
 
 
-def _recipe_path(name_or_path: str | os.PathLike) -> Path:
+def list_recipes(kind: str = 'finetune') -> list[str]:
+    """Names of the recipes of one kind in recipes/ (a recipe is also accepted as a path to any YAML file).
+
+    Args:
+        kind: ``'finetune'`` (the default) or ``'pretrain'`` (the ``pretrain_*`` files).
+    """
+    return sorted(p.stem for p in RECIPE_DIR.glob('*.yaml') if _recipe_kind_of(p.stem) == kind)
+
+
+def _recipe_path(name_or_path: str | os.PathLike, kind: str = 'finetune') -> Path:
     path = Path(name_or_path)
     if path.suffix in ('.yaml', '.yml'):
         if not path.is_file():
             raise ConfigError(f'recipe file {path} does not exist')
         return path
     path = RECIPE_DIR / f'{name_or_path}.yaml'
+    if path.is_file() and _recipe_kind_of(str(name_or_path)) != kind:
+        raise ConfigError(f"recipe '{name_or_path}' is a {_recipe_kind_of(str(name_or_path))} recipe, not a {kind} "
+                          f"one; known {kind} recipes: {', '.join(list_recipes(kind))}")
     if not path.is_file():
-        close = difflib.get_close_matches(str(name_or_path), list_recipes(), n=1)
+        close = difflib.get_close_matches(str(name_or_path), list_recipes(kind), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ''
-        raise ConfigError(f"unknown recipe '{name_or_path}'{hint}; known: {', '.join(list_recipes())}")
+        raise ConfigError(f"unknown recipe '{name_or_path}'{hint}; known: {', '.join(list_recipes(kind))}")
     return path
 
 
-def load_recipe(name_or_path: str | os.PathLike, base: FinetuneConfig | None = None) -> FinetuneConfig:
-    """Defaults (or ``base``) with the recipe's overrides applied."""
+def load_recipe(name_or_path: str | os.PathLike, base: FinetuneConfig | None = None,
+                config_cls: type | None = None) -> FinetuneConfig:
+    """Defaults (or ``base``) with the recipe's overrides applied.
+
+    Args:
+        name_or_path: A recipe name in recipes/ of the config's kind, or a YAML file.
+        base: The config to apply the recipe to; its type decides the kind.
+        config_cls: The config dataclass when there is no ``base`` (default `FinetuneConfig`).
+    """
     import yaml
 
-    path = _recipe_path(name_or_path)
+    cls = type(base) if base is not None else (config_cls or FinetuneConfig)
+    path = _recipe_path(name_or_path, getattr(cls, 'recipe_kind', 'finetune'))
     try:
         overrides = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f'recipe {path} is not valid YAML: {str(e).splitlines()[0]}') from None
     if not isinstance(overrides, dict):
         raise ConfigError(f'recipe {path} must be a mapping of option: value')
-    return apply_overrides(base or FinetuneConfig(), overrides, source=f'recipe {path}')
+    return apply_overrides(base if base is not None else cls(), overrides, source=f'recipe {path}')
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -217,7 +254,7 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def resolve_config(recipe: str | None, overrides: dict[str, str]) -> FinetuneConfig:
-    """Defaults < recipe < command-line overrides (text values), validated."""
-    cfg = load_recipe(recipe) if recipe else FinetuneConfig()
+def resolve_config(recipe: str | None, overrides: dict[str, str], config_cls: type = FinetuneConfig) -> FinetuneConfig:
+    """Defaults < recipe < command-line overrides (text values), validated (``config_cls``: any config dataclass)."""
+    cfg = load_recipe(recipe, config_cls=config_cls) if recipe else config_cls()
     return apply_overrides(cfg, overrides, source='the command line', from_text=True).validate()
