@@ -56,7 +56,7 @@ from .config import ConfigError, apply_overrides, parse_override, resolve_config
 from .models import MIN_INPUT_SIZE, create_backbone
 from .models.factory import BackboneError
 
-__all__ = ['cache_dir', 'base_pretrained', 'train_supervised', 'cosine_lr', 'PretrainConfig', 'pretrain_command',
+__all__ = ['cache_dir', 'base_pretrained', 'cosine_lr', 'PretrainConfig', 'pretrain_command',
            'StepSampler', 'prototypical_loss', 'build_parser', 'main']
 
 _logger = logging.getLogger(__name__)
@@ -75,55 +75,6 @@ def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0) -> float:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def train_supervised(
-        model: nn.Module,
-        loader,
-        steps: int,
-        lr: float,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.1,
-        progress: bool = True,
-        flip: bool = True,
-) -> list[float]:
-    """Plain cross-entropy training over a DataLoader; returns the loss per step.
-
-    Kept for scripts that train an in-memory model; `pretrain_command` is the resumable, distributed job.
-    """
-    from tqdm.auto import tqdm
-
-    opt = _adamw(model, lr, weight_decay)
-    model.train()
-    losses, accs = [], []
-    bar = tqdm(total=steps, desc='base pretraining', disable=not progress, unit='step')
-    data = iter(loader)
-    step = 0
-    while step < steps:
-        try:
-            images, labels = next(data)
-        except StopIteration:
-            data = iter(loader)
-            continue
-        for group in opt.param_groups:
-            group['lr'] = cosine_lr(step, steps, lr, warmup=min(50, steps // 10))
-        if flip:  # a mirrored object is the same object
-            mirrored = torch.rand(len(images)) < 0.5
-            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
-        logits = model(images)
-        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f'{loss.item():.3f}')
-        accs.append((logits.argmax(1) == labels).float().mean().item())
-    bar.close()
-    tail = max(1, len(accs) // 10)
-    _logger.info('base pretraining: final train accuracy %.3f (last %d steps)', sum(accs[-tail:]) / tail, tail)
-    return losses
 
 
 def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -148,6 +99,7 @@ class PretrainConfig:
     val_split: str = 'val'  # model selection only; '' = no validation (last.safetensors only)
     image_size: int = 0  # input side in px; 0 = the data's native size (look-alike set: 96), else 224
     images_per_class: int = 0  # look-alike set: rendered images per class; 0 = the card's default (60)
+    rotations: bool = False  # Omniglot: 90/180/270 degree turns of each base character as extra classes (4x)
 
     # --- the model ---
     model: str = 'lkca_mobilenet'
@@ -480,6 +432,17 @@ def _input_size(cfg: PretrainConfig, dataset) -> int:
     return int(size or 224)
 
 
+def _rotation_options(cfg: PretrainConfig) -> dict:
+    """``rotations=True`` for the training split's reader; only the Omniglot reader knows the option."""
+    if not cfg.rotations:
+        return {}
+    from .data import get_card
+
+    if Path(cfg.data).expanduser().is_dir() or get_card(cfg.data)['reader'] != 'omniglot':
+        raise ConfigError(f"rotations=true applies to Omniglot only, not to '{cfg.data}'")
+    return dict(rotations=True)
+
+
 def _check_val(val, cfg: PretrainConfig) -> None:
     counts = val.class_counts()
     need = cfg.val_k_shot + cfg.val_n_query
@@ -619,7 +582,7 @@ def _train(cfg: PretrainConfig, run, resuming: bool, dist_ctx: _Dist, progress: 
 
     # Data first, on every rank: bad data fails here, before a run directory is written.
     options = _dataset_options(cfg)
-    base = get_dataset(cfg.data, split=cfg.split, **options)
+    base = get_dataset(cfg.data, split=cfg.split, **options, **_rotation_options(cfg))
     val = get_dataset(cfg.data, split=cfg.val_split, **options) if cfg.val_split else None
     if val is not None:
         _check_val(val, cfg)
