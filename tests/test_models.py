@@ -95,8 +95,23 @@ def test_grad_checkpointing_gives_same_outputs_and_grads():
         torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
 
 
+def test_residual_blocks_start_as_identity_unless_asked():
+    model = timm.create_model('lkca_mobilenet').eval()
+    skips = [b for stage in model.blocks for b in stage if getattr(b, 'has_skip', False)]
+    assert len(skips) >= 4
+    with torch.no_grad():
+        for block in skips:
+            x = torch.randn(2, block.bn3.num_features, 8, 8)  # a skip block keeps its channels
+            torch.testing.assert_close(block(x), x)
+        plain = timm.create_model('lkca_mobilenet', zero_init_last=False).eval()
+        block = [b for stage in plain.blocks for b in stage if getattr(b, 'has_skip', False)][0]
+        x = torch.randn(2, block.bn3.num_features, 8, 8)
+        assert not torch.allclose(block(x), x)
+
+
 def test_every_trainable_parameter_gets_a_gradient():
-    model = timm.create_model('lkca_mobilenet', num_classes=5).train()
+    # Without the zero-initialised residual branches (tested above), which get their gradient from step 2 on.
+    model = timm.create_model('lkca_mobilenet', num_classes=5, zero_init_last=False).train()
     model(torch.randn(2, 3, SIZE, SIZE)).logsumexp(1).mean().backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
