@@ -119,7 +119,7 @@ def _start_backbone(cfg: FinetuneConfig, image_size: int, log) -> tuple[nn.Modul
 
     log(f'starting point: {cfg.model} pretrained on the base classes of {cfg.data} (cached after the first run)')
     state, path, cached = base_pretrained(cfg.model, cfg.data, image_size, cfg.base_steps, cfg.base_batch_size,
-                                          cfg.base_lr, seed=0, images_per_class=cfg.images_per_class)
+                                          cfg.base_lr, seed=0, images_per_class=cfg.base_images_per_class)
     backbone = create_backbone(cfg.model, num_classes=0)
     backbone.load_state_dict(state)
     return backbone, f'{cfg.model} pretrained on {cfg.data} base classes ({"cached" if cached else "new"}: {path})'

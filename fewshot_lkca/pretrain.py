@@ -62,7 +62,8 @@ __all__ = ['cache_dir', 'base_pretrained', 'cosine_lr', 'PretrainConfig', 'pretr
 _logger = logging.getLogger(__name__)
 
 BEST_FILE, LAST_FILE, CURVE_FILE = 'best.safetensors', 'last.safetensors', 'training_curve.png'
-_CACHE_RECIPE = 'pretrain-v1'  # part of base_pretrained's cache key: change it whenever the training changes
+# Part of base_pretrained's cache key: change it whenever the training changes (v2: zero-initialised residuals).
+_CACHE_RECIPE = 'pretrain-v2'
 
 
 def cache_dir() -> Path:
