@@ -20,8 +20,12 @@ def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a kill leaves the old file or the new one, never half."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp')
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # also on Ctrl-C: no half-written temporary left beside the file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

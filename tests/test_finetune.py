@@ -162,3 +162,18 @@ def test_classes_too_small_for_an_episode_are_left_out_of_the_task(folder, tmp_p
     with pytest.warns(UserWarning, match='fewer than k_shot \\+ n_query'):
         metrics = finetune_command(_cfg(folder, tmp_path / 'run', steps=1), progress=False, log=lambda *_: None)
     assert sorted(metrics['task']['classes']) == sorted(COLOURS)
+
+
+def test_atomic_write_keeps_the_old_file_and_no_temporary_when_writing_fails(tmp_path):
+    from fewshot_lkca.checkpoint import atomic_write
+
+    target = tmp_path / 'model.safetensors'
+    target.write_text('old')
+
+    def failing(tmp):
+        tmp.write_text('half')
+        raise OSError('disk full')
+
+    with pytest.raises(OSError, match='disk full'):
+        atomic_write(target, failing)
+    assert target.read_text() == 'old' and [p.name for p in tmp_path.iterdir()] == ['model.safetensors']

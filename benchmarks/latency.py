@@ -1,0 +1,486 @@
+"""Latency, size and accuracy of the backbones in every runtime: PyTorch, ONNX fp32, ONNX int8, ExecuTorch.
+
+For each model (default: `lkca_mobilenet`, its `lkca_mobilenet_dw3` twin and timm's `tf_mobilenetv3_small_100`, all
+with ImageNet weights when ``../shared/weights`` has them) the pre-logits feature extractor is run as
+
+* ``torch``: eager PyTorch, eval mode, ``torch.inference_mode()``;
+* ``onnx``: ``torch.onnx.export(dynamo=True)``, onnxruntime fp32 (CPU provider, sequential, no spinning);
+* ``onnx-int8``: that file through `fewshot_lkca.quantize.quantize_onnx`, calibrated on 64 images of the data's
+  other classes;
+* ``executorch`` / ``executorch-int8``: `fewshot_lkca.runtimes.export_executorch` (XNNPACK), when the ``device``
+  extra is installed.
+
+Measured, side by side in one run so that ratios hold on a shared machine:
+
+* latency at batch 1: with 1 thread PyTorch and onnxruntime are timed in this process, round-robin in a random
+  order per round (ExecuTorch, whose thread pool is sized once per process, in processes of its own); with 2
+  threads each runtime runs in a process of its own (onnxruntime's and XNNPACK's idle threads spin and would slow
+  whichever runtime runs next), the processes taking turns over several rounds. Median of all runs.
+* size: the file the runtime loads (PyTorch: the fp32 state_dict's tensors);
+* accuracy: nearest-prototype 5-way 5-shot over episodes of the data's held-out classes (Omniglot evaluation
+  alphabets when ``../shared`` has them, else the built-in look-alike set), the same episodes for every runtime;
+  ``agreement``: the share of query predictions equal to PyTorch's; ``cosine``: mean feature cosine to PyTorch.
+
+Run from the repository root (defaults: about 10 min on 2 cores)::
+
+    python -m benchmarks.latency
+    python -m benchmarks.latency --models lkca_mobilenet --threads 1 --runs 60
+"""
+import argparse
+import datetime
+import functools
+import json
+import math
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import cpu_name
+
+__all__ = ['DEFAULT_MODELS', 'RUNTIMES', 'episode_predictions', 'benchmark', 'format_table', 'main']
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+WEIGHTS = SHARED / 'weights' / 'tf_mobilenetv3_small_100.in1k.pth'
+OMNIGLOT = SHARED / 'data' / 'omniglot'
+DEFAULT_MODELS = ('lkca_mobilenet', 'lkca_mobilenet_dw3', 'tf_mobilenetv3_small_100')
+RUNTIMES = ('torch', 'onnx', 'onnx-int8', 'executorch', 'executorch-int8')
+BASELINE = 'onnx'  # speed-ups are to the fp32 ONNX model of the same network
+CALIBRATION_IMAGES = 64
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_data(name: str, size: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(images, labels, calibration images, description): ``classes`` held-out classes, 20 images each at most.
+
+    Calibration images come from *other* classes of the same split, preprocessed the same way (mean = std = 0.5,
+    the weights' `pretrained_cfg`).
+    """
+    from fewshot_lkca.data import LookalikeDataset, OmniglotDataset, eval_transform
+
+    cfg = dict(input_size=(3, size, size), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation='bilinear', crop_pct=0.875)
+    transform = eval_transform(cfg)
+    rng = np.random.default_rng(seed)
+    if name == 'omniglot':
+        data = OmniglotDataset(str(OMNIGLOT), split='novel')
+    else:
+        data = LookalikeDataset('novel', images_per_class=20, image_size=max(size, 64), seed=seed)
+    targets = np.asarray(data.targets)
+    order = rng.permutation(np.unique(targets))
+    chosen, others = order[:classes], order[classes:]
+    picked = [i for c in chosen for i in np.flatnonzero(targets == c)[:20]]
+    if len(others) == 0:  # the look-alike novel split has 10 classes: calibrate on its base split instead
+        base = LookalikeDataset('base', images_per_class=2, image_size=max(size, 64), seed=seed + 1)
+        calib_data, calib_idx = base, rng.choice(len(base), min(CALIBRATION_IMAGES, len(base)), replace=False)
+    else:
+        pool = np.flatnonzero(np.isin(targets, others))
+        calib_data, calib_idx = data, rng.choice(pool, min(CALIBRATION_IMAGES, len(pool)), replace=False)
+    images = np.stack([transform(data.load(int(i))).numpy() for i in picked])
+    calibration = np.stack([transform(calib_data.load(int(i))).numpy() for i in calib_idx])
+    what = (f'{name}: {len(chosen)} {"evaluation-alphabet characters" if name == "omniglot" else "novel classes"}, '
+            f'{len(picked)} images at {size} px; calibration: {len(calibration)} images of other classes')
+    return images, targets[picked], calibration, what
+
+
+def episode_predictions(features: np.ndarray, labels: np.ndarray, episodes: int, n_way: int = 5, k_shot: int = 5,
+                        n_query: int = 15, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-prototype (cosine) query predictions and true labels, concatenated over ``episodes`` episodes.
+
+    Episode ``i`` depends only on ``seed``, ``i`` and the labels, so every runtime is scored on the same queries.
+    """
+    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    classes = np.array([c for c in np.unique(labels) if (labels == c).sum() >= k_shot + n_query])
+    if len(classes) < n_way:
+        raise ValueError(f'{n_way}-way {k_shot}-shot episodes with {n_query} queries need {n_way} classes of '
+                         f'{k_shot + n_query} images; the data has {len(classes)}')
+    preds, truth = [], []
+    for episode in range(episodes):
+        rng = np.random.default_rng([seed, episode])
+        way = rng.choice(classes, n_way, replace=False)
+        support, query = [], []
+        for c in way:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            support.append(idx[:k_shot])
+            query.append(idx[k_shot:k_shot + n_query])
+        protos = np.stack([features[s].mean(0) for s in support])
+        q = np.concatenate(query)
+        preds.append((features[q] @ protos.T).argmax(1))
+        truth.append(np.repeat(np.arange(n_way), n_query))
+    return np.concatenate(preds), np.concatenate(truth)
+
+
+# ------------------------------------------------------------------------------------------------ runtimes
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    return ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+
+
+def _executorch_available(int8: bool) -> bool:
+    try:
+        from fewshot_lkca.runtimes import missing_extra
+    except ImportError:  # the runtimes module is not in this checkout
+        return False
+    return missing_extra('executorch-int8' if int8 else 'executorch') is None
+
+
+def _file_bytes(path: Path) -> int:
+    """Bytes of a model file plus its side files (the dynamo exporter's ``.data``)."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + '*') if p.is_file())
+
+
+def _batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([fn(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def _build(name: str, weights: Path | None):
+    """The pre-logits feature extractor of ``name``, ImageNet weights (transplanted for LKCA models) when given."""
+    import fewshot_lkca
+
+    kwargs = dict(weights=str(weights)) if weights else {}
+    return fewshot_lkca.create_backbone(name, num_classes=0, **kwargs).eval()
+
+
+def _prepare(name: str, weights: Path | None, size: int, runtimes: Sequence[str], calibration: np.ndarray,
+             folder: Path, log) -> dict:
+    """Every artifact of one model: {runtime: dict(path, bytes, features_fn, worker_args, report, error)}."""
+    import torch
+
+    from fewshot_lkca.quantize import quantize_onnx
+
+    model = _build(name, weights)
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    out = {}
+
+    def torch_features(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    out['torch'] = dict(bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+                        fn=torch_features, worker=['torch', name, str(weights or '')])
+    fp32 = folder / f'{name}.onnx'
+    if 'onnx' in runtimes or 'onnx-int8' in runtimes:
+        batch = torch.export.Dim('batch', max=1024)
+        torch.onnx.export(model, (example,), str(fp32), dynamo=True, input_names=['x'], dynamic_shapes=({0: batch},),
+                          verbose=False)
+    for runtime in runtimes:
+        if runtime == 'torch':
+            continue
+        try:
+            if runtime == 'onnx':
+                path, report = fp32, None
+            elif runtime == 'onnx-int8':
+                path = folder / f'{name}.int8.onnx'
+                report = quantize_onnx(fp32, path, calibration)
+            else:
+                from fewshot_lkca.runtimes import export_executorch
+
+                path = folder / f'{name}.{runtime}.pte'
+                calib = torch.from_numpy(calibration) if runtime.endswith('int8') else None
+                report = export_executorch(model, path, example, calib)
+        except Exception as e:  # exporters raise many types; the row says which and the benchmark goes on
+            out[runtime] = dict(error=f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}')
+            log(f'{name} {runtime}: {out[runtime]["error"]}')
+            continue
+        if runtime.startswith('onnx'):
+            session = _ort_session(path, 1)
+            fn = functools.partial(_run_ort, session)
+        else:
+            fn = functools.partial(_run_pte, path)
+        out[runtime] = dict(path=path, bytes=_file_bytes(path), fn=fn, report=report,
+                            worker=[runtime.split('-')[0], str(path)])
+    return out
+
+
+def _run_ort(session, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _run_pte(path: Path, x: np.ndarray) -> np.ndarray:
+    from fewshot_lkca.runtimes import run_executorch
+
+    # No num_threads here: resizing ExecuTorch's thread pool after a program ran in this process (the export runs
+    # it back) hung XNNPACK on the pool's mutex; timings with a set thread count run in fresh processes instead.
+    return np.concatenate([run_executorch(path, x[i:i + 1]) for i in range(len(x))])
+
+
+def _timed_call(kind: str, args: Sequence[str], size: int, threads: int) -> Callable[[], object]:
+    """A no-argument call that runs one batch-1 image through the runtime (used in-process and by the workers)."""
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    if kind == 'torch':
+        import torch
+
+        torch.set_num_threads(threads)
+        model = _build(args[0], Path(args[1]) if args[1] else None)
+        tensor = torch.from_numpy(x)
+
+        def call():
+            with torch.inference_mode():
+                return model(tensor)
+        return call
+    if kind == 'onnx':
+        session = _ort_session(Path(args[0]), threads)
+        return functools.partial(_run_ort, session, x)
+    if kind == 'executorch':
+        from fewshot_lkca.runtimes import run_executorch
+
+        run_executorch(Path(args[0]), x, num_threads=threads)  # sets the pool size once
+        return functools.partial(run_executorch, Path(args[0]), x)
+    raise ValueError(f'unknown runtime kind {kind}')
+
+
+def _worker(argv: Sequence[str]) -> int:
+    """``--worker KIND SIZE THREADS RUNS WARMUP ARGS...``: print the runs' milliseconds as one JSON list."""
+    kind, size, threads, runs, warmup, *args = argv
+    call = _timed_call(kind, args, int(size), int(threads))
+    for _ in range(int(warmup)):
+        call()
+    samples = []
+    for _ in range(int(runs)):
+        start = time.perf_counter_ns()
+        call()
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    print(json.dumps(samples))
+    return 0
+
+
+def _time_in_processes(workers: dict, size: int, threads: int, runs: int, warmup: int, rounds: int,
+                       seed: int = 0) -> dict:
+    """Milliseconds per run of each worker, each in a fresh process, the processes taking turns over ``rounds``."""
+    per_round = math.ceil(runs / rounds)
+    samples = {key: [] for key in workers}
+    order = list(workers)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for key in order:
+            kind, *args = workers[key]
+            cmd = [sys.executable, '-m', 'benchmarks.latency', '--worker', kind, str(size), str(threads),
+                   str(per_round), str(warmup), *args]
+            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ['no output'])[-1]
+                raise RuntimeError(f'latency worker {key} failed: {tail}')
+            samples[key] += json.loads(done.stdout.strip().splitlines()[-1])
+    return samples
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+def benchmark(models: Sequence[str], runtimes: Sequence[str], size: int = 224, threads: Sequence[int] = (1, 2),
+              runs: int = 100, warmup: int = 10, rounds: int = 10, episodes: int = 300, data: str = 'auto',
+              classes: int = 40, weights: Path | None = None, log=print) -> tuple[list[dict], dict]:
+    """Rows (one per model and runtime) and a description of the data; see the module docstring."""
+    import torch
+
+    from benchmarks.backbones import time_round_robin
+
+    data = ('omniglot' if OMNIGLOT.is_dir() else 'lookalike') if data == 'auto' else data
+    images, labels, calibration, what = load_data(data, size, classes)
+    log(what)
+    rows, calls, workers = [], {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            log(f'{name}: exporting and quantizing')
+            artifacts = _prepare(name, weights, size, runtimes, calibration, Path(tmp), log)
+            log(f'{name}: features of {len(images)} images in every runtime, then timing')
+            feats = {rt: _batched(a['fn'], images, 1 if rt.startswith('executorch') else 32)
+                     for rt, a in artifacts.items() if 'fn' in a}
+            truth_pred, truth = episode_predictions(feats['torch'], labels, episodes)
+            for runtime in runtimes:
+                a = artifacts.get(runtime, {})
+                row = dict(model=name, runtime=runtime)
+                if 'error' in a:
+                    rows.append({**row, 'error': a['error']})
+                    continue
+                pred, _ = episode_predictions(feats[runtime], labels, episodes)
+                f, r = feats[runtime], feats['torch']
+                norms = np.maximum(np.linalg.norm(f, axis=1) * np.linalg.norm(r, axis=1), 1e-12)
+                cosine = (f * r).sum(1) / norms  # 0 for an all-zero feature
+                correct = (pred == truth).reshape(episodes, -1).mean(1)
+                row.update(size_mb=a['bytes'] / 1e6, accuracy=float(correct.mean()),
+                           accuracy_ci=float(1.96 * correct.std() / math.sqrt(episodes)),
+                           agreement=float((pred == truth_pred).mean()), cosine=float(cosine.mean()))
+                if a.get('report') and runtime == 'onnx-int8':
+                    row['quantization'] = a['report']
+                rows.append(row)
+                calls[name, runtime] = a['fn']
+                workers[name, runtime] = a['worker']
+            if 1 in threads:
+                x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+                mine = {k: functools.partial(fn, x) for k, fn in calls.items()
+                        if k[0] == name and not k[1].startswith('executorch')}
+                torch.set_num_threads(1)
+                if 'onnx' in runtimes or 'onnx-int8' in runtimes:  # sessions made for features may use more threads
+                    for rt in ('onnx', 'onnx-int8'):
+                        if (name, rt) in mine:
+                            mine[name, rt] = functools.partial(_run_ort, _ort_session(artifacts[rt]['path'], 1), x)
+                samples = time_round_robin(mine, runs, warmup, rounds)
+                own = {k: w for k, w in workers.items() if k[0] == name and k[1].startswith('executorch')}
+                if own:  # ExecuTorch's pool size is set once per process: its 1-thread runs get processes of their own
+                    samples.update(_time_in_processes(own, size, 1, runs, warmup, min(rounds, 3)))
+                for key, ms in samples.items():
+                    _row(rows, key)['ms_1t'] = statistics.median(ms)
+                    _row(rows, key)['runs_1t'] = len(ms)
+            for t in (t for t in threads if t != 1):
+                mine = {k: w for k, w in workers.items() if k[0] == name}
+                for key, ms in _time_in_processes(mine, size, t, runs, warmup, min(rounds, 3)).items():
+                    _row(rows, key)[f'ms_{t}t'] = statistics.median(ms)
+                    _row(rows, key)[f'runs_{t}t'] = len(ms)
+    for row in rows:
+        base = next((r for r in rows if r['model'] == row['model'] and r['runtime'] == BASELINE), {})
+        for t in threads:
+            ms, ref = row.get(f'ms_{t}t'), base.get(f'ms_{t}t')
+            row[f'speedup_{t}t'] = ref / ms if ms and ref else None
+    return rows, dict(data=what)
+
+
+def _row(rows: list[dict], key: tuple[str, str]) -> dict:
+    return next(r for r in rows if (r['model'], r['runtime']) == key)
+
+
+def _fmt(value, spec: str) -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def format_table(rows: Sequence[dict], threads: Sequence[int]) -> str:
+    """Markdown table of `benchmark` rows."""
+    head = ['model', 'runtime', 'size (MB)']
+    for t in threads:
+        head += [f'ms, {t} thread{"s" if t > 1 else ""}', f'vs ONNX fp32 ({t}t)']
+    head += ['5-way 5-shot acc (%)', 'agreement with torch (%)', 'feature cosine']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join([':---', ':---'] + ['---:'] * (len(head) - 2)) + '|']
+    for r in rows:
+        if 'error' in r:
+            cells = [r['model'], r['runtime'], f"failed: {r['error']}".replace('|', '\\|')] + ['-'] * (len(head) - 3)
+        else:
+            cells = [r['model'], r['runtime'], f"{r['size_mb']:.2f}"]
+            for t in threads:
+                cells += [_fmt(r.get(f'ms_{t}t'), '.2f'), _fmt(r.get(f'speedup_{t}t'), '.2f') + 'x' * bool(
+                    r.get(f'speedup_{t}t'))]
+            cells += [f"{100 * r['accuracy']:.1f} +- {100 * r['accuracy_ci']:.1f}", f"{100 * r['agreement']:.1f}",
+                      f"{r['cosine']:.4f}"]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.latency', description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--models', default=','.join(DEFAULT_MODELS), help='comma-separated timm model names')
+    parser.add_argument('--runtimes', default=','.join(RUNTIMES),
+                        help='comma-separated, of ' + ', '.join(RUNTIMES) + ' (torch is always measured: the '
+                        'reference of agreement); ExecuTorch is skipped with a note when its extra is absent')
+    parser.add_argument('--size', type=int, default=224, help='input height and width (px)')
+    parser.add_argument('--threads', default='1,2', help='comma-separated thread counts')
+    parser.add_argument('--runs', type=int, default=100, help='timed batch-1 runs per runtime and thread count')
+    parser.add_argument('--warmup', type=int, default=10, help='untimed runs first (in each process)')
+    parser.add_argument('--rounds', type=int, default=10, help='round-robin rounds at 1 thread (at most 3 process '
+                        'turns per runtime at more threads)')
+    parser.add_argument('--episodes', type=int, default=300, help='5-way 5-shot episodes for the accuracy')
+    parser.add_argument('--data', choices=('auto', 'omniglot', 'lookalike'), default='auto',
+                        help='held-out images; auto: Omniglot when ../shared has it')
+    parser.add_argument('--classes', type=int, default=40, help='held-out classes the episodes draw from')
+    parser.add_argument('--weights', default='auto', help="source ImageNet weights file, 'none' for random init, "
+                        'auto: ../shared/weights when present')
+    parser.add_argument('--out', type=Path, default=REPO / 'benchmarks' / 'results' / 'latency.json',
+                        help="JSON results (a .md with the table is written beside it); 'none' writes nothing")
+    return parser
+
+
+def _parse_list(parser, option: str, text: str, allowed=None, cast=str) -> list:
+    try:
+        values = list(dict.fromkeys(cast(v.strip()) for v in text.split(',') if v.strip()))
+    except ValueError:
+        parser.error(f'{option}: cannot read {text!r}')
+    if not values:
+        parser.error(f'{option} is empty')
+    bad = [v for v in values if allowed is not None and v not in allowed]
+    if bad:
+        parser.error(f'{option}: unknown {bad}; choose from {list(allowed)}')
+    return values
+
+
+def command(args: argparse.Namespace, parser: argparse.ArgumentParser, log=print) -> int:
+    import onnxruntime
+    import torch
+
+    from fewshot_lkca.checkpoint import atomic_write
+    from fewshot_lkca.models.factory import BackboneError
+
+    models = _parse_list(parser, '--models', args.models)
+    runtimes = _parse_list(parser, '--runtimes', args.runtimes, RUNTIMES)
+    threads = _parse_list(parser, '--threads', args.threads, cast=int)
+    for option, value, low in (('--runs', args.runs, 1), ('--warmup', args.warmup, 0), ('--rounds', args.rounds, 1),
+                               ('--size', args.size, 32), ('--episodes', args.episodes, 1),
+                               ('--classes', args.classes, 5), ('--threads', min(threads), 1)):
+        if value < low:
+            parser.error(f'{option} must be at least {low}, got {value}')
+    if args.rounds > args.runs:
+        parser.error(f'--rounds ({args.rounds}) cannot exceed --runs ({args.runs})')
+    if args.data == 'omniglot' and not OMNIGLOT.is_dir():
+        parser.error(f'--data omniglot: {OMNIGLOT} is absent')
+    weights = (WEIGHTS if WEIGHTS.is_file() else None) if args.weights == 'auto' else (
+        None if args.weights == 'none' else Path(args.weights))
+    if weights is not None and not weights.is_file():
+        parser.error(f'--weights: no such file {weights}')
+    runtimes = ['torch'] + [r for r in runtimes if r != 'torch']
+    skipped = [r for r in runtimes if r.startswith('executorch') and not _executorch_available(r.endswith('int8'))]
+    runtimes = [r for r in runtimes if r not in skipped]
+
+    started = time.perf_counter()
+    try:
+        rows, info = benchmark(models, runtimes, args.size, threads, args.runs, args.warmup, args.rounds,
+                               args.episodes, args.data, args.classes, weights, log=log)
+    except BackboneError as e:
+        parser.error(str(e))
+
+    meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+                cpu=f'{cpu_name()}/{platform.machine()}', torch=torch.__version__, onnxruntime=onnxruntime.__version__,
+                size=args.size, batch=1, threads=threads, runs=args.runs, warmup=args.warmup, rounds=args.rounds,
+                episodes=args.episodes, weights=str(weights) if weights else 'random init', skipped=skipped,
+                seconds=round(time.perf_counter() - started, 1), **info)
+    table = format_table(rows, threads)
+    notes = (f"Batch 1, {args.size} px, pre-logits features; median of >= {args.runs} runs after {args.warmup} "
+             f"warm-up runs. 1 thread: PyTorch and onnxruntime interleaved in one process ({args.rounds} rounds, "
+             f"random order), ExecuTorch in processes of its own; more threads: each runtime in its own process, "
+             f"the processes taking turns. Speed-ups "
+             f"are to the same network's ONNX fp32 time. Accuracy: nearest prototype, {args.episodes} episodes of "
+             f"5-way 5-shot with 15 queries per class, mean +- 95% CI; agreement: share of the same query predictions "
+             f"as PyTorch fp32. Data: {info['data']}. Weights: {meta['weights']}."
+             + (f" Skipped (extra not installed): {', '.join(skipped)}." if skipped else ''))
+    log(f"\nRuntimes, {meta['date']}, {meta['cpu']}, torch {meta['torch']}, onnxruntime {meta['onnxruntime']}\n")
+    log(table)
+    log('\n' + notes)
+    log(f"Total time: {meta['seconds']:.0f} s.")
+    if str(args.out) != 'none':
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(dict(meta=meta, rows=rows), indent=2, default=str) + '\n'
+        atomic_write(args.out, lambda t: Path(t).write_text(payload))
+        markdown = f"{table}\n\n{notes}\n"
+        atomic_write(args.out.with_suffix('.md'), lambda t: Path(t).write_text(markdown))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['--worker']:
+        return _worker(argv[1:])
+    parser = build_parser()
+    return command(parser.parse_args(argv), parser)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
