@@ -100,7 +100,10 @@ def test_killed_run_resumes_to_the_same_metrics(folder, tmp_path):
     assert a['episodes'] == b['episodes'] and a['confusion'] == b['confusion']
     ta, _ = load_checkpoint(killed / 'model.safetensors')
     tb, _ = load_checkpoint(clean / 'model.safetensors')
-    assert all(torch.equal(ta[k], tb[k]) for k in tb)
+    # Equal up to float noise: multithreaded CPU kernels may sum in another order when the machine is busy (seen once
+    # under heavy load); a lost or repeated step would move the weights by far more.
+    for k in tb:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6, msg=k)
     steps = [json.loads(line)['step'] for line in (killed / 'log.jsonl').read_text().splitlines()]
     assert steps[-1] == 8
 
