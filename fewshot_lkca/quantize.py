@@ -26,6 +26,8 @@ Example:
     {'Conv': 61, 'Relu': 5}
 """
 import collections
+import contextlib
+import io
 import logging
 import shutil
 import tempfile
@@ -332,8 +334,9 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
         plans = {'int8': plan_quantization(prepared, depthwise=True), 'fp32': plan_quantization(prepared, False)}
         cache = tmp / 'ranges.json'
         # Calibrate once (the ranges of every tensor are kept), apply the hard-swish floors, then quantize each plan.
-        quantize_static(str(fused), str(tmp / 'first.onnx'), _ArrayReader(input_name, calibration),
-                        calibration_cache_path=str(cache), nodes_to_exclude=sorted(plans['int8']), **options)
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its percentile progress
+            quantize_static(str(fused), str(tmp / 'first.onnx'), _ArrayReader(input_name, calibration),
+                            calibration_cache_path=str(cache), nodes_to_exclude=sorted(plans['int8']), **options)
         moved = _clip_ranges(cache, floors)
         wanted = ['int8', 'fp32'] if depthwise == 'auto' or plans['int8'] == plans['fp32'] else [depthwise]
         built = {}
