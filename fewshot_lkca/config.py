@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ['ConfigError', 'FinetuneConfig', 'RECIPE_DIR', 'list_recipes', 'load_recipe', 'apply_overrides',
-           'resolve_config', 'parse_override']
+           'resolve_config', 'parse_override', 'parse_cli']
 
 # Recipes live in the repository's recipes/ folder, next to the package.
 RECIPE_DIR = Path(__file__).resolve().parents[1] / 'recipes'
@@ -256,6 +256,27 @@ def parse_override(text: str) -> tuple[str, str]:
     key, value = body.split('=', 1)
     return key.strip(), value.strip()
 
+
+
+def parse_cli(parser, argv: list[str], named: tuple[str, ...]) -> tuple[Any, dict[str, str]]:
+    """Parse a command line: the parser's options, plus ``--key=value`` overrides of any config field.
+
+    Returns:
+        The parsed options and the overrides (the ``named`` options that were given, as text, and every
+        ``--key=value``), ready for `resolve_config`.
+    """
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for item in rest:
+        if not item.startswith('--'):
+            raise ConfigError(f"unexpected argument '{item}' (config fields are set as --key=value)")
+        key, value = parse_override(item)
+        overrides[key] = value
+    for key in named:
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = str(value)
+    return args, overrides
 
 def resolve_config(recipe: str | None, overrides: dict[str, str], config_cls: type = FinetuneConfig) -> FinetuneConfig:
     """Defaults < recipe < command-line overrides (text values), validated (``config_cls``: any config dataclass)."""

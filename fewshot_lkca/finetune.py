@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_write, load_backbone, load_checkpoint, save_checkpoint
-from .config import ConfigError, FinetuneConfig, apply_overrides, parse_override, resolve_config
+from .config import ConfigError, FinetuneConfig, apply_overrides, parse_cli, resolve_config
 from .heads import CosineHead, FewShotClassifier
 from .metrics import mean_ci
 from .models import create_backbone
@@ -449,19 +449,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for item in rest:
-        if not item.startswith('--'):
-            raise ConfigError(f"unexpected argument '{item}' (recipe fields are set as --key=value)")
-        key, value = parse_override(item)
-        overrides[key] = value
-    for key in ('n_way', 'k_shot', 'n_query', 'data', 'model', 'weights', 'out', 'seed'):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = str(value)
-    return args, overrides
+    return parse_cli(build_parser(), argv,
+                     named=('n_way', 'k_shot', 'n_query', 'data', 'model', 'weights', 'out', 'seed'))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .config import ConfigError, apply_overrides, parse_override, resolve_config
+from .config import ConfigError, apply_overrides, parse_cli, resolve_config
 from .models import MIN_INPUT_SIZE, create_backbone
 from .models.factory import BackboneError
 
@@ -835,18 +835,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
-    args, rest = build_parser().parse_known_args(argv)
-    overrides = {}
-    for item in rest:
-        if not item.startswith('--'):
-            raise ConfigError(f"unexpected argument '{item}' (config fields are set as --key=value)")
-        key, value = parse_override(item)
-        overrides[key] = value
-    for key in ('data', 'method', 'model', 'weights', 'steps', 'out', 'seed'):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = str(value)
-    return args, overrides
+    return parse_cli(build_parser(), argv, named=('data', 'method', 'model', 'weights', 'steps', 'out', 'seed'))
 
 
 def main(argv: list[str] | None = None) -> None:
