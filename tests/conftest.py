@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,13 @@ def make_shapes_folder(root: Path, per_class: int = 12, classes: dict | None = N
                 draw.rectangle(box, fill=colour)
             image.save(root / name / f'{i}.png')
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test, restored after: other tests (benchmarks) change the thread count, and
+    kernels sum in a thread-count-dependent order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

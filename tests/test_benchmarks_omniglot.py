@@ -20,13 +20,8 @@ EVAL_ALPHABETS = {'Gamma': 11, 'Delta': 11}  # 22 novel characters: enough for 2
 QUICK = ['--quick', '--models', 'lkca_mobilenet_050', '--threads', '1', '--no-progress']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread on the shared 2-core CPU (the benchmark sets its own and restores this one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread throughout: equal numerics across processes, no thrashing on a shared 2-core CPU.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _glyph(rng: np.random.Generator, strokes: np.ndarray) -> np.ndarray:

@@ -86,19 +86,9 @@ def _cli_args(folder: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_metrics(folder, tmp_path, monkeypatch):
-    # One CPU thread everywhere: kernels sum in a thread-count-dependent order, and other tests (benchmarks) change
-    # this process's thread count, which made the in-process runs differ from the subprocess by float noise.
+def test_killed_run_resumes_to_the_same_metrics(folder, tmp_path, monkeypatch, one_thread):
+    # One CPU thread in this process and the killed one, so both sum in the same order: bitwise-equal weights.
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _kill_resume_and_compare(folder, tmp_path)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _kill_resume_and_compare(folder, tmp_path):
     killed, clean = tmp_path / 'killed', tmp_path / 'clean'
     proc = subprocess.run([sys.executable, '-c', _KILL_AFTER_SECOND_CHECKPOINT, *_cli_args(folder, killed)],
                           capture_output=True, text=True)

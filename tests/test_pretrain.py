@@ -37,13 +37,8 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as torchrun gives each of its processes: equal numerics, no thrashing on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread throughout: equal numerics across processes, no thrashing on a shared 2-core CPU.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _cfg(folder: Path, out: Path, **changes) -> PretrainConfig:
