@@ -6,7 +6,8 @@ Measures, in one process, every model of `fewshot_lkca.list_backbones()` plus ti
 * parameters, and MACs of one image at ``--size`` px: `torch.utils.flop_counter.FlopCounterMode` FLOPs / 2, which
   counts convolutions and matrix multiplies only;
 * latency, batch 1: eager PyTorch in eval mode under `torch.inference_mode()`, with ``--threads`` threads; with
-  ``--onnx`` also onnxruntime fp32 (CPU provider, sequential) on a `torch.onnx.export(..., dynamo=True)` export.
+  ``--onnx`` also onnxruntime fp32 (CPU provider, sequential) on the package's own export
+  (`fewshot_lkca.export.onnx.export_onnx`).
 
 Latency is the median of all samples of a model. The models are timed round-robin, in a new random order each
 round, so that slow drifts of a shared machine (another process, clock changes) hit every model alike and the
@@ -67,16 +68,12 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
 
 def onnx_call(model: nn.Module, x: torch.Tensor, path: Path, threads: int) -> Callable[[], object]:
     """Export ``model`` to ``path`` and return a call that runs ``x`` through onnxruntime fp32."""
-    import onnxruntime as ort
+    from fewshot_lkca.export.onnx import export_onnx, save_onnx
+    from fewshot_lkca.export.session import onnx_session
 
-    torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    save_onnx(export_onnx(model, x, output_name='output'), path)  # the package's own export
     # With several threads, idle pool threads spin and steal the CPU from the next model of the round-robin.
-    opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    session = ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+    session = onnx_session(path, threads, spin=False)
     return functools.partial(session.run, None, {session.get_inputs()[0].name: x.numpy()})
 
 
@@ -250,8 +247,8 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
           f"are to {REFERENCE}'s median. Largest torch spread (IQR / median): "
           f"{(spread['torch_q3'] - spread['torch_q1']) / spread['torch_ms']:.0%} ({spread['model']}).")
     if args.onnx:
-        print('ONNX: torch.onnx.export(dynamo=True), onnxruntime fp32 CPUExecutionProvider, default graph '
-              f'optimizations, sequential execution, {args.threads} intra-op thread(s).')
+        print('ONNX: fewshot_lkca.export.onnx.export_onnx (dynamo, optimize), onnxruntime fp32 CPUExecutionProvider, '
+              f'default graph optimizations, sequential execution, {args.threads} intra-op thread(s).')
     print(f"Total time: {meta['seconds']:.0f} s.")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

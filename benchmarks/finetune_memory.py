@@ -78,7 +78,8 @@ from torch import nn
 import fewshot_lkca
 from benchmarks.common import cpu_name
 from fewshot_lkca.config import ConfigError, FinetuneConfig, apply_overrides, list_recipes, load_recipe
-from fewshot_lkca.finetune import build_classifier, extract_features, make_optimizer, set_trainable, train_step
+from fewshot_lkca.features import extract_features
+from fewshot_lkca.finetune import build_classifier, make_optimizer, set_trainable, train_step
 from fewshot_lkca.heads import FewShotClassifier
 from fewshot_lkca.models import MIN_INPUT_SIZE
 from fewshot_lkca.models.factory import BackboneError

@@ -4,11 +4,12 @@ For each model (default: `lkca_mobilenet`, its `lkca_mobilenet_dw3` twin and tim
 with ImageNet weights when ``../shared/weights`` has them) the pre-logits feature extractor is run as
 
 * ``torch``: eager PyTorch, eval mode, ``torch.inference_mode()``;
-* ``onnx``: ``torch.onnx.export(dynamo=True)``, onnxruntime fp32 (CPU provider, sequential, no spinning);
-* ``onnx-int8``: that file through `fewshot_lkca.quantize.quantize_onnx`, calibrated on 64 images of the data's
+* ``onnx``: the package's export (`fewshot_lkca.export.onnx.export_onnx`), onnxruntime fp32 (CPU provider,
+  sequential, no spinning);
+* ``onnx-int8``: that file through `fewshot_lkca.export.int8.quantize_onnx`, calibrated on 64 images of the data's
   other classes;
-* ``executorch`` / ``executorch-int8``: `fewshot_lkca.runtimes.export_executorch` (XNNPACK), when the ``device``
-  extra is installed.
+* ``executorch`` / ``executorch-int8``: `fewshot_lkca.export.executorch.export_executorch` (XNNPACK), when the
+  ``device`` extra is installed.
 
 Measured, side by side in one run so that ratios hold on a shared machine:
 
@@ -119,20 +120,15 @@ def episode_predictions(features: np.ndarray, labels: np.ndarray, episodes: int,
 
 # ------------------------------------------------------------------------------------------------ runtimes
 def _ort_session(path: Path, threads: int):
-    import onnxruntime as ort
+    from fewshot_lkca.export.session import onnx_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    return ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+    return onnx_session(path, threads, spin=False)  # idle threads must not steal the CPU from the next runtime
 
 
 def _executorch_available(int8: bool) -> bool:
     try:
-        from fewshot_lkca.runtimes import missing_extra
-    except ImportError:  # the runtimes module is not in this checkout
+        from fewshot_lkca.export.formats import missing_extra
+    except ImportError:  # the export package is not in this checkout
         return False
     return missing_extra('executorch-int8' if int8 else 'executorch') is None
 
@@ -159,7 +155,7 @@ def _prepare(name: str, weights: Path | None, size: int, runtimes: Sequence[str]
     """Every artifact of one model: {runtime: dict(path, bytes, features_fn, worker_args, report, error)}."""
     import torch
 
-    from fewshot_lkca.quantize import quantize_onnx
+    from fewshot_lkca.export.int8 import quantize_onnx
 
     model = _build(name, weights)
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -173,9 +169,9 @@ def _prepare(name: str, weights: Path | None, size: int, runtimes: Sequence[str]
                         fn=torch_features, worker=['torch', name, str(weights or '')])
     fp32 = folder / f'{name}.onnx'
     if 'onnx' in runtimes or 'onnx-int8' in runtimes:
-        batch = torch.export.Dim('batch', max=1024)
-        torch.onnx.export(model, (example,), str(fp32), dynamo=True, input_names=['x'], dynamic_shapes=({0: batch},),
-                          verbose=False)
+        from fewshot_lkca.export.onnx import export_onnx, save_onnx
+
+        save_onnx(export_onnx(model, example, output_name='features'), fp32)  # the package's own export
     for runtime in runtimes:
         if runtime == 'torch':
             continue
@@ -186,7 +182,7 @@ def _prepare(name: str, weights: Path | None, size: int, runtimes: Sequence[str]
                 path = folder / f'{name}.int8.onnx'
                 report = quantize_onnx(fp32, path, calibration)
             else:
-                from fewshot_lkca.runtimes import export_executorch
+                from fewshot_lkca.export.executorch import export_executorch
 
                 path = folder / f'{name}.{runtime}.pte'
                 calib = torch.from_numpy(calibration) if runtime.endswith('int8') else None
@@ -210,7 +206,7 @@ def _run_ort(session, x: np.ndarray) -> np.ndarray:
 
 
 def _run_pte(path: Path, x: np.ndarray) -> np.ndarray:
-    from fewshot_lkca.runtimes import run_executorch
+    from fewshot_lkca.export.executorch import run_executorch
 
     # No num_threads here: resizing ExecuTorch's thread pool after a program ran in this process (the export runs
     # it back) hung XNNPACK on the pool's mutex; timings with a set thread count run in fresh processes instead.
@@ -235,7 +231,7 @@ def _timed_call(kind: str, args: Sequence[str], size: int, threads: int) -> Call
         session = _ort_session(Path(args[0]), threads)
         return functools.partial(_run_ort, session, x)
     if kind == 'executorch':
-        from fewshot_lkca.runtimes import run_executorch
+        from fewshot_lkca.export.executorch import run_executorch
 
         run_executorch(Path(args[0]), x, num_threads=threads)  # sets the pool size once
         return functools.partial(run_executorch, Path(args[0]), x)

@@ -7,8 +7,9 @@ One command, for each backbone (default: ``lkca_mobilenet``, its 3x3 twin ``lkca
    recipe's ``rotations`` adds 90/180/270 degree turns as classes, off by default: it lost at this budget) through
    `fewshot_lkca.pretrain` with ``recipes/pretrain_omniglot.yaml``; the val alphabets pick ``best.safetensors``;
    the wall time and the median step time are recorded;
-2. export of the frozen backbone (pre-logits features) to ONNX fp32 (``torch.onnx.export(dynamo=True)``) and int8
-   (`fewshot_lkca.quantize.quantize_onnx`, calibrated on upright images of the base split);
+2. export of the frozen backbone (pre-logits features) to ONNX fp32 (the package's
+   `fewshot_lkca.export.onnx.export_onnx`) and int8
+   (`fewshot_lkca.export.int8.quantize_onnx`, calibrated on upright images of the base split);
 3. features of every image of the 20 evaluation alphabets (659 characters x 20 drawings) and of the 20 official
    one-shot runs, with PyTorch fp32, onnxruntime fp32 and onnxruntime int8;
 4. nearest-prototype episodes (L2-normalised features, `fewshot_lkca.metrics.prototype_episode_accuracies`):
@@ -42,7 +43,6 @@ import logging
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -205,32 +205,20 @@ def pretrain(bench: BenchConfig, model: str, log=print) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the engines
 def export_onnx(backbone: torch.nn.Module, size: int, path: Path) -> None:
-    """fp32 ONNX of the frozen backbone (features out), dynamic batch, written atomically."""
-    import onnx
+    """fp32 ONNX of the frozen backbone (features out), dynamic batch, written atomically: the package's export."""
     import torch
 
-    from fewshot_lkca.checkpoint import atomic_write
+    from fewshot_lkca.export.onnx import check_onnx, export_onnx, save_onnx
 
-    example = torch.zeros(2, 3, size, size)  # batch 2: torch.export would fix a batch of 1 as a constant
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # the exporter's deprecation and tracing notes
-        program = torch.onnx.export(backbone.eval(), (example,), None, dynamo=True, optimize=True, verbose=False,
-                                    input_names=['image'], output_names=['features'],
-                                    dynamic_shapes=({0: torch.export.Dim('batch')},))
-    onnx.checker.check_model(program.model_proto)
-    atomic_write(path, lambda tmp: onnx.save_model(program.model_proto, str(tmp)))
+    proto = export_onnx(backbone, torch.zeros(2, 3, size, size), output_name='features')
+    check_onnx(proto)
+    save_onnx(proto, path)
 
 
 def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
+    from fewshot_lkca.export.session import onnx_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Idle onnxruntime threads spin by default, taking CPU from everything else on a shared 2-core machine.
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    return onnx_session(path, threads, spin=False)  # idle threads spinning take CPU from a shared 2-core machine
 
 
 class TorchEngine:
@@ -370,7 +358,7 @@ def evaluate_model(bench: BenchConfig, model: str, pre: dict, data: EvalData, wo
     """Every engine of one pretrained model on the episodes and the runs; returns (results, per-episode accuracies)."""
     from fewshot_lkca.checkpoint import load_backbone
     from fewshot_lkca.data import eval_transform
-    from fewshot_lkca.evaluate import _data_cfg
+    from fewshot_lkca.evaluate import _data_cfg  # the checkpoint's preprocessing over the backbone's cfg
 
     backbone, meta, _ = load_backbone(model, pre['checkpoint'])
     size = int(meta.get('image_size') or pre['image_size'])
@@ -378,7 +366,7 @@ def evaluate_model(bench: BenchConfig, model: str, pre: dict, data: EvalData, wo
     engines = {'torch_fp32': TorchEngine(backbone)}
     export = {}
     if bench.int8:
-        from fewshot_lkca.quantize import quantize_onnx
+        from fewshot_lkca.export.int8 import quantize_onnx
 
         work.mkdir(parents=True, exist_ok=True)
         fp32_path, int8_path = work / f'{model}.onnx', work / f'{model}.int8.onnx'
@@ -566,7 +554,7 @@ def run_benchmark(bench: BenchConfig, log=print) -> dict:
     log('')
     log(text)
     if bench.out:
-        from fewshot_lkca.checkpoint import atomic_write
+        from fewshot_lkca.files import atomic_write
 
         path = Path(bench.out)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -628,16 +616,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # First, before anything loads torch and its OpenMP. The default active wait made 2 threads on the shared 2-core
-    # CPU crawl whenever another job ran (3-10 s per pretraining step instead of 0.14-0.6 s, measured): a waiting
-    # thread spins on the core its partner needs. A passive wait gives that core up.
-    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     from fewshot_lkca.checkpoint import CheckpointError
     from fewshot_lkca.config import ConfigError
     from fewshot_lkca.data import DataError
-    from fewshot_lkca.finetune import RunError
+    from fewshot_lkca.export.int8 import QuantizationError
     from fewshot_lkca.models.factory import BackboneError
-    from fewshot_lkca.quantize import QuantizationError
+    from fewshot_lkca.rundir import RunError
 
     args = build_parser().parse_args(argv)
     try:

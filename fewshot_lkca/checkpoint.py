@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .files import atomic_write
+
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'atomic_write', 'load_backbone']
 
 DEFAULT_MODEL = 'lkca_mobilenet'
@@ -14,18 +16,6 @@ DEFAULT_MODEL = 'lkca_mobilenet'
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a kill leaves the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:  # also on Ctrl-C: no half-written temporary left beside the file
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -106,7 +106,7 @@ class FinetuneConfig:
         if self.lr <= 0 or self.head_scale <= 0:
             raise ConfigError('lr and head_scale must be > 0')
         if self.export:  # unknown formats and missing packages fail now, not after the run
-            from .export import ExportError, check_formats
+            from .export.formats import ExportError, check_formats
             try:
                 check_formats(self.export)
             except ExportError as e:

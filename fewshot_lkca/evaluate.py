@@ -26,27 +26,28 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import DEFAULT_MODEL, CheckpointError, atomic_write, load_backbone
+from .checkpoint import DEFAULT_MODEL, CheckpointError, load_backbone
 from .config import ConfigError
-from .data.errors import DataError
+from .console import quiet_console
+from .errors import DataError
+from .features import RawImages, embed_images
+from .files import atomic_write
+from .metadata import PREPROCESSING_KEYS, preprocessing
 from .metrics import mean_ci, prototype_episode_accuracies
 from .models import MIN_INPUT_SIZE
 from .models.factory import BackboneError
+from .task import input_size
+from .threads import add_threads_argument, set_threads
 
-__all__ = ['EvalConfig', 'build_parser', 'evaluate_command', 'main', 'embed_images',
-           'nearest_neighbour_errors']
+__all__ = ['EvalConfig', 'build_parser', 'evaluate_command', 'main', 'nearest_neighbour_errors']
 
 _OMNIGLOT_HUMAN_ERROR = 4.5  # % over the 20 runs, reported in the Science paper
-# Preprocessing a fine-tuning checkpoint carries in its metadata; it wins over the backbone's pretrained cfg.
-_META_DATA_KEYS = ('mean', 'std', 'interpolation', 'crop_pct')
 # Options of the episode protocol (field -> flag) that the fixed Omniglot runs protocol refuses.
 _EPISODE_OPTIONS = {'data': '--data', 'split': '--split', 'n_way': '--ways', 'k_shots': '--shots',
                     'n_query': '--queries', 'episodes': '--episodes'}
@@ -97,89 +98,16 @@ class EvalConfig:
 def _data_cfg(backbone: nn.Module, meta: dict) -> dict:
     """The backbone's pretrained cfg, with the preprocessing a checkpoint recorded (mean, std, ...) on top."""
     cfg = dict(backbone.pretrained_cfg)
-    for key in _META_DATA_KEYS:
-        if key in meta:
+    for key in PREPROCESSING_KEYS:
+        if key in meta and key != 'image_size':
             cfg[key] = tuple(meta[key]) if isinstance(meta[key], list) else meta[key]
     return cfg
 
 
-@torch.inference_mode()
-def embed_images(backbone: nn.Module, images: Sequence, transform, batch_size: int = 64, progress: bool = True,
-                 desc: str = 'features') -> torch.Tensor:
-    """(N, D) features of N HxWx3 uint8 images, in batches, in eval mode.
-
-    Args:
-        images: Anything with ``len`` and ``[i]`` giving an HxWx3 uint8 array (a list, `_RawImages`).
-        transform: ``array -> CHW tensor`` (`fewshot_lkca.data.eval_transform`).
-
-    Example:
-        >>> import numpy as np
-        >>> from fewshot_lkca.data import eval_transform
-        >>> backbone, _, _ = load_backbone('lkca_mobilenet', 'random')
-        >>> embed_images(backbone, [np.zeros((40, 40, 3), np.uint8)] * 3, eval_transform(backbone, size=32),
-        ...              progress=False).shape
-        torch.Size([3, 1024])
-    """
-    from tqdm.auto import tqdm
-
-    backbone.eval()
-    chunks = []
-    with tqdm(total=len(images), desc=desc, unit='img', disable=not progress) as bar:
-        for start in range(0, len(images), batch_size):
-            stop = min(start + batch_size, len(images))
-            batch = torch.stack([transform(images[i]) for i in range(start, stop)])
-            chunks.append(backbone(batch).float())
-            bar.update(stop - start)
-    return torch.cat(chunks)
-
-
-class _RawImages:
-    """The raw HxWx3 arrays of a data set, by index (`ImageDataset.load`, skipping its transform)."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        return self.dataset.load(index)
-
-
 # ------------------------------------------------------------------------------------------------ the protocols
-def _card(data: str) -> dict | None:
-    """The data card of a card name or .yaml, None for an image folder (it has none)."""
-    from .data import get_card
-
-    if Path(data).expanduser().is_dir():
-        return None
-    return get_card(data)
-
-
-def _image_size(cfg: EvalConfig, meta: dict, card: dict | None, backbone: nn.Module) -> tuple[int, str]:
-    """The input side and where it came from (the option, the checkpoint, the data card, the model)."""
-    if cfg.image_size:
-        return cfg.image_size, '--image-size'
-    if meta.get('image_size'):
-        return int(meta['image_size']), 'checkpoint'
-    if card and card.get('image_size'):
-        return int(card['image_size']), f'{card["name"]} data card'
-    return int(backbone.pretrained_cfg.get('input_size', (3, 224, 224))[-1]), 'pretrained cfg'
-
-
-def _check_episodes(targets: list[int], classes: list[str], cfg: EvalConfig) -> None:
-    """Refuse a setting the split cannot fill, before any feature is computed."""
-    counts = Counter(targets)
-    where = f"'{cfg.data}' ({cfg.split})"
-    if len(counts) < cfg.n_way:
-        raise ConfigError(f'--ways {cfg.n_way} needs {cfg.n_way} classes; {where} has {len(counts)}')
-    need = max(cfg.k_shots) + cfg.n_query
-    enough = sum(n >= need for n in counts.values())
-    if enough < cfg.n_way:
-        smallest = min(counts.values())
-        raise ConfigError(f'{max(cfg.k_shots)} shots + {cfg.n_query} queries need {need} images in {cfg.n_way} '
-                          f'classes; only {enough} classes of {where} have that many (smallest: {smallest}); '
-                          f'lower --shots/--queries')
+def _image_size(cfg: EvalConfig, meta: dict, dataset=None) -> tuple[int, str]:
+    """The input side and where it came from (`fewshot_lkca.task.input_size`: option, checkpoint, data, photos)."""
+    return input_size(cfg.data, cfg.image_size, dataset, int(meta.get('image_size') or 0))
 
 
 def _overlap_note(meta: dict, classes: list[str]) -> str:
@@ -192,13 +120,13 @@ def _overlap_note(meta: dict, classes: list[str]) -> str:
 
 
 def _episodes(cfg: EvalConfig, backbone: nn.Module, meta: dict, progress: bool, log) -> dict:
-    from .data import eval_transform, get_dataset
+    from .data import eval_transform, get_dataset, usable_classes
 
-    card = _card(cfg.data)
-    size, size_from = _image_size(cfg, meta, card, backbone)
     # The data as its card defines it (the look-alike set rendered at 96 px): only the model input follows size.
     dataset = get_dataset(cfg.data, split=cfg.split)
-    _check_episodes(dataset.targets, dataset.classes, cfg)
+    size, size_from = _image_size(cfg, meta, dataset)
+    usable_classes(dataset.targets, cfg.n_way, max(cfg.k_shots), cfg.n_query, dataset.classes, drop_small=True,
+                   warn=False, where=f"'{cfg.data}' ({cfg.split})")  # before any feature is computed
     data_cfg = _data_cfg(backbone, meta)
     transform = eval_transform(data_cfg, size=size)
     note = _overlap_note(meta, dataset.classes)
@@ -206,18 +134,14 @@ def _episodes(cfg: EvalConfig, backbone: nn.Module, meta: dict, progress: bool, 
         log(note)
 
     start = time.perf_counter()
-    features = embed_images(backbone, _RawImages(dataset), transform, cfg.batch_size, progress)
+    features = embed_images(backbone, RawImages(dataset), transform, cfg.batch_size, progress)
     seconds = time.perf_counter() - start
     log(f'{cfg.data} ({cfg.split}): {len(dataset.classes)} classes, {len(dataset)} images; model input {size} px '
         f'({size_from}); {features.shape[1]}-d features in {seconds:.1f} s')
     labels = torch.tensor(dataset.targets)
     results = []
     for k in cfg.k_shots:
-        try:
-            accs = prototype_episode_accuracies(features, labels, cfg.n_way, k, cfg.n_query, cfg.episodes,
-                                                seed=cfg.seed)
-        except ValueError as e:  # too few samples: _check_episodes should have said so first
-            raise ConfigError(str(e)) from e
+        accs = prototype_episode_accuracies(features, labels, cfg.n_way, k, cfg.n_query, cfg.episodes, seed=cfg.seed)
         ci = mean_ci(accs)
         results.append(dict(n_way=cfg.n_way, k_shot=k, n_query=cfg.n_query, episodes=ci.n, mean=ci.mean,
                             ci95=ci.ci95, accuracy_pct=100 * ci.mean, ci95_pct=100 * ci.ci95,
@@ -225,7 +149,7 @@ def _episodes(cfg: EvalConfig, backbone: nn.Module, meta: dict, progress: bool, 
     return dict(
         protocol='episodes',
         data=dict(data=cfg.data, split=cfg.split, classes=len(dataset.classes), images=len(dataset),
-                  image_size=size, image_size_from=size_from, preprocessing=_preprocessing(data_cfg, size)),
+                  image_size=size, image_size_from=size_from, preprocessing=preprocessing(data_cfg, size)),
         feature_dim=int(features.shape[1]),
         feature_seconds=seconds,
         chance=1.0 / cfg.n_way,
@@ -257,10 +181,10 @@ def nearest_neighbour_errors(train_features: torch.Tensor, test_features: torch.
 
 
 def _omniglot_runs(cfg: EvalConfig, backbone: nn.Module, meta: dict, progress: bool, log) -> dict:
-    from .data import eval_transform, get_card, read_one_shot_runs
+    from .data import eval_transform, read_one_shot_runs
 
     runs = read_one_shot_runs(cfg.omniglot_runs)
-    size, size_from = _image_size(cfg, meta, get_card('omniglot'), backbone)
+    size, size_from = input_size('omniglot', cfg.image_size, checkpoint_size=int(meta.get('image_size') or 0))
     data_cfg = _data_cfg(backbone, meta)
     images = [image for run in runs for image in (*run.train_images, *run.test_images)]
     start = time.perf_counter()
@@ -281,7 +205,7 @@ def _omniglot_runs(cfg: EvalConfig, backbone: nn.Module, meta: dict, progress: b
     return dict(
         protocol='omniglot-runs',
         data=dict(runs_path=str(cfg.omniglot_runs), runs=len(runs), n_way=n_train, tests_per_run=n_test,
-                  image_size=size, image_size_from=size_from, preprocessing=_preprocessing(data_cfg, size)),
+                  image_size=size, image_size_from=size_from, preprocessing=preprocessing(data_cfg, size)),
         feature_dim=int(features.shape[-1]),
         feature_seconds=seconds,
         runs=per_run,
@@ -290,14 +214,6 @@ def _omniglot_runs(cfg: EvalConfig, backbone: nn.Module, meta: dict, progress: b
         accuracy_pct=100 * (1 - ci.mean),
         human_error_rate_pct=_OMNIGLOT_HUMAN_ERROR,
     )
-
-
-def _preprocessing(data_cfg: dict, size: int) -> dict:
-    from .data.transforms import resolve_data_cfg
-
-    resolved = resolve_data_cfg(data_cfg, size)
-    return dict(mean=list(resolved['mean']), std=list(resolved['std']), interpolation=resolved['interpolation'],
-                crop_pct=resolved['crop_pct'])
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -376,11 +292,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help=f'images per forward pass (default: {d.batch_size})')
     parser.add_argument('--json', metavar='FILE', help='also write settings and results as JSON')
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    add_threads_argument(parser)
     return parser
 
 
 def _config(args: argparse.Namespace) -> EvalConfig:
-    given = {k: v for k, v in vars(args).items() if v is not None and k != 'no_progress'}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ('no_progress', 'threads')}
     if 'k_shots' in given:
         given['k_shots'] = tuple(given['k_shots'])
     return EvalConfig(**given)
@@ -391,8 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        evaluate_command(_config(args), progress=not args.no_progress)
-    except (ConfigError, CheckpointError, BackboneError, DataError) as e:
+        set_threads(args.threads)
+        with quiet_console():
+            evaluate_command(_config(args), progress=not args.no_progress)
+    except (ConfigError, CheckpointError, BackboneError, DataError, ValueError) as e:
         raise SystemExit(f'error: {e}') from None
 
 

@@ -1,10 +1,14 @@
-"""Few-shot metrics: mean with a 95% confidence interval, and nearest-prototype episodes on cached features."""
+"""Few-shot metrics: mean with a 95% confidence interval, nearest-prototype episodes on cached features, and the
+episode accuracy and confusions of a trained classifier's held-out predictions."""
 import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ['MeanCI', 'mean_ci', 'prototype_episode_accuracies']
+from .data.episodes import usable_classes
+from .seeding import derive_seed
+
+__all__ = ['MeanCI', 'mean_ci', 'prototype_episode_accuracies', 'query_episode_accuracies', 'confused_pairs']
 
 
 @dataclass(frozen=True)
@@ -56,16 +60,13 @@ def prototype_episode_accuracies(
     labels = torch.as_tensor(labels)
     if normalize:
         features = torch.nn.functional.normalize(features.float(), dim=1)
-    classes, counts = labels.unique(return_counts=True)
-    usable = classes[counts >= k_shot + n_query]
-    if len(usable) < n_way:
-        raise ValueError(f'{n_way}-way {k_shot}-shot with {n_query} queries needs {n_way} classes with at least '
-                         f'{k_shot + n_query} samples; only {len(usable)} have that many')
-    by_class = {int(c): (labels == c).nonzero().flatten() for c in usable}
+    per_class = usable_classes(labels.tolist(), n_way, k_shot, n_query, drop_small=True, warn=False)
+    usable = torch.tensor(sorted(per_class))
+    by_class = {c: torch.tensor(ix) for c, ix in per_class.items()}
     accs = torch.empty(episodes)
     targets = torch.arange(n_way).repeat_interleave(n_query)
     for i in range(episodes):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        g = torch.Generator().manual_seed(derive_seed(seed, i))
         picked = usable[torch.randperm(len(usable), generator=g)[:n_way]]
         protos, queries = [], []
         for c in picked.tolist():
@@ -75,3 +76,32 @@ def prototype_episode_accuracies(
         pred = torch.cdist(torch.cat(queries), torch.stack(protos)).argmin(1)
         accs[i] = (pred == targets).float().mean()
     return accs
+
+
+def query_episode_accuracies(correct: torch.Tensor, labels: torch.Tensor, n_way: int, n_query: int, episodes: int,
+                             seed: int) -> torch.Tensor:
+    """Per-episode accuracy of ``episodes`` draws of ``n_query`` held-out images per class (fixed predictions).
+
+    Args:
+        correct: (N,) whether each held-out image was classified right.
+        labels: (N,) its class in 0..n_way-1.
+    """
+    by_class = [(labels == c).nonzero().flatten() for c in range(n_way)]
+    accs = torch.empty(episodes)
+    for e in range(episodes):
+        g = torch.Generator().manual_seed(derive_seed(seed, e))
+        picks = [idx[torch.randperm(len(idx), generator=g)[:n_query]] for idx in by_class]
+        accs[e] = correct[torch.cat(picks)].float().mean()
+    return accs
+
+
+def confused_pairs(confusion: torch.Tensor, names: list[str], top: int = 5) -> list[dict]:
+    """The ``top`` most frequent (true, predicted) confusions of a confusion matrix, most frequent first."""
+    off = confusion.clone().float()
+    off.fill_diagonal_(0)
+    pairs = []
+    for flat in off.flatten().argsort(descending=True)[:top].tolist():
+        true, pred = divmod(flat, len(names))
+        if off[true, pred] > 0:
+            pairs.append(dict(true=names[true], predicted=names[pred], count=int(off[true, pred])))
+    return pairs

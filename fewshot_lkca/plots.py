@@ -1,16 +1,37 @@
-"""PNG figures of a run: the confusion matrix and the training curve (matplotlib, the 'plots' extra)."""
+"""PNG figures of a run: the confusion matrix and the training curve (matplotlib, the 'plots' extra).
+
+Each function returns False, drawing nothing, when matplotlib is not installed: the metrics stand without pictures.
+"""
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use('Agg')  # files only: no display on a device or in CI
-import matplotlib.pyplot as plt  # noqa: E402
+from .files import atomic_write
 
 __all__ = ['plot_confusion', 'plot_training_curve']
 
 
-def plot_confusion(confusion: list[list[int]], names: list[str], path: Path) -> None:
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use('Agg')  # files only: no display on a device or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, path: Path) -> None:
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format='png'))
+    plt.close(fig)
+
+
+def plot_confusion(confusion: list[list[int]], names: list[str], path: Path) -> bool:
+    """The confusion matrix (rows: true class, columns: predicted) with its counts."""
+    plt = _pyplot()
+    if plt is None:
+        return False
     n = len(names)
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
     ax.imshow(confusion, cmap='Blues')
@@ -22,20 +43,28 @@ def plot_confusion(confusion: list[list[int]], names: list[str], path: Path) -> 
     for i, row in enumerate(confusion):
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha='center', va='center', fontsize=7, color='white' if v > top / 2 else 'black')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, plt, path)
+    return True
 
 
-def plot_training_curve(log_file: Path, path: Path) -> None:
+def plot_training_curve(log_file: Path, path: Path) -> bool:
+    """Loss (left), batch accuracy and, where logged, val accuracy with its 95% CI (right) of a log.jsonl."""
+    plt = _pyplot()
+    if plt is None:
+        return False
     records = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
     if not records:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r['step'] for r in records], [r['loss'] for r in records], label='loss')
-    ax.plot([r['step'] for r in records], [r['batch_acc'] for r in records], label='batch accuracy', alpha=0.6)
-    ax.set_xlabel('step')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        return False
+    steps = [r['step'] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(steps, [r['loss'] for r in records], lw=0.8)
+    left.set(xlabel='step', ylabel='training loss')
+    right.plot(steps, [r['batch_acc'] for r in records], lw=0.8, alpha=0.6, label='training batch')
+    val = [r for r in records if 'val_acc' in r]
+    if val:
+        right.errorbar([r['step'] for r in val], [r['val_acc'] for r in val], yerr=[r['val_ci95'] for r in val],
+                       marker='o', ms=3, capsize=2, label='val NCM episodes')
+    right.set(xlabel='step', ylabel='accuracy', ylim=(0, 1))
+    right.legend(fontsize=8)
+    _save(fig, plt, path)
+    return True

@@ -15,112 +15,36 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ['PredictError', 'OnnxClassifier', 'encode_metadata', 'decode_metadata', 'load_rgb', 'resize',
-           'preprocess', 'build_parser', 'predict_command', 'main']
+from .errors import DataError
+from .images import MAX_PIXELS, load_image
+from .metadata import MetadataError, decode_metadata
+from .threads import add_threads_argument, check_threads
 
-MAX_PIXELS = 50_000_000  # the data layer's limit: a decompression bomb is refused before decoding
-MARKER = 'fewshot_lkca'  # metadata key naming the exporting package version: "one of our models"
-# metadata key -> type; lists are stored as JSON, everything else as text (ONNX metadata values are strings)
-_FIELDS = {'model': str, 'classes': list, 'image_size': int, 'mean': list, 'std': list, 'interpolation': str,
-           'crop_pct': float}
-_ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')
-_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+__all__ = ['PredictError', 'OnnxClassifier', 'load_rgb', 'resize', 'preprocess', 'build_parser', 'predict_command',
+           'main']
 
 
 class PredictError(ValueError):
     """A model or an image cannot be used (missing, unreadable, not exported by this package)."""
 
 
-# ------------------------------------------------------------------------------------------------- metadata
-def encode_metadata(meta: dict) -> dict[str, str]:
-    """Metadata values as ONNX ``metadata_props`` strings: text stays text, everything else becomes JSON."""
-    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in meta.items()}
-
-
-def decode_metadata(props: dict[str, str], source: str = 'the model') -> dict:
-    """The preprocessing and class names stored by `encode_metadata`, checked.
-
-    Raises:
-        PredictError: ``props`` lack our marker or a field, or a field does not parse.
-    """
-    if MARKER not in props:
-        raise PredictError(f'{source} is not a fewshot_lkca model (no class names or preprocessing in its metadata); '
-                           'export a run with: python -m fewshot_lkca.export RUN_DIR')
-    meta = dict(props)
-    for key, kind in _FIELDS.items():
-        if key not in props:
-            raise PredictError(f"{source}: metadata lacks '{key}' (re-export it with python -m fewshot_lkca.export)")
-        try:
-            value = kind(props[key]) if kind is not list else json.loads(props[key])
-        except ValueError:
-            raise PredictError(f"{source}: metadata '{key}' does not parse: {props[key][:80]!r}") from None
-        if kind is list and not isinstance(value, list):
-            raise PredictError(f"{source}: metadata '{key}' must be a JSON list, got {props[key][:80]!r}")
-        meta[key] = value
-    if len(meta['mean']) != 3 or len(meta['std']) != 3 or not 0 < meta['crop_pct'] <= 1 or meta['image_size'] < 1:
-        raise PredictError(f'{source}: metadata holds unusable preprocessing (mean {meta["mean"]}, std {meta["std"]}, '
-                           f'crop_pct {meta["crop_pct"]}, image_size {meta["image_size"]})')
-    return meta
-
-
-# ------------------------------------------------------------------------------------------------- images
 def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An upright HxWx3 uint8 RGB array, converted as the data layer (`fewshot_lkca.data.load_image`) does.
-
-    Alpha is composited on white, 16-bit grayscale scaled (65535 -> 255), EXIF orientation applied; empty, unknown,
-    corrupt and oversized (over ``max_pixels``, checked from the header) files are refused.
+    """An upright HxWx3 uint8 RGB array, loaded by the data layer's own loader (`fewshot_lkca.images.load_image`).
 
     Raises:
         PredictError: The file is missing, not an image, corrupt or too large.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise PredictError(f'{path}: no such file' if not path.exists() else f'{path}: not a file')
-    if path.stat().st_size == 0:
-        raise PredictError(f'{path}: empty file (0 bytes)')
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # our own, lower limit follows
-            image = Image.open(path)
-    except UnidentifiedImageError:
-        raise PredictError(f'{path}: not an image file Pillow can read') from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise PredictError(f'{path}: cannot read ({e})') from None
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise PredictError(f'{path}: refused, {width}x{height} px is over the {max_pixels / 1e6:.0f} MP limit')
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise PredictError(f'{path}: cannot decode ({e})') from None
-
-
-def _to_rgb(image) -> np.ndarray:
-    from PIL import Image
-
-    if image.mode in _SIXTEEN_BIT_MODES:
-        gray = np.asarray(image).astype(np.float32)
-        if gray.max(initial=0) > 65535 or gray.min(initial=0) < 0:  # genuine 32-bit data: stretch its range
-            gray = (gray - gray.min()) * (65535.0 / max(float(np.ptp(gray)), 1.0))
-        return np.repeat(np.rint(gray / 257.0).astype(np.uint8)[:, :, None], 3, axis=2)
-    if image.mode == 'F':
-        gray = np.nan_to_num(np.asarray(image, dtype=np.float32))
-        gray = (gray - gray.min()) * (255.0 / max(float(np.ptp(gray)), 1e-12))
-        return np.repeat(np.rint(gray).astype(np.uint8)[:, :, None], 3, axis=2)
-    if image.mode in _ALPHA_MODES or (image.mode == 'P' and 'transparency' in image.info):
-        rgba = image.convert('RGBA')
-        image = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
-    return np.array(image if image.mode == 'RGB' else image.convert('RGB'), dtype=np.uint8)
+        return load_image(path, max_pixels=max_pixels)
+    except DataError as e:
+        raise PredictError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------- resizing
@@ -248,24 +172,29 @@ class OnnxClassifier:
     """
 
     def __init__(self, path: str | os.PathLike, threads: int = 0):
-        import onnxruntime as ort
+        from .export.session import onnx_session
 
         self.path = Path(path)
         if not self.path.is_file():
             raise PredictError(f'{self.path}: no such model file')
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # errors only: the optimiser's notes are not the user's business
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=['CPUExecutionProvider'])
+            self.session = onnx_session(self.path, threads)
         except Exception as e:  # onnxruntime raises its own exception types, not importable by name
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise PredictError(f'{self.path}: not an ONNX model onnxruntime can load ({first[:160]})') from None
-        self.meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        try:
+            self.meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        except MetadataError as e:
+            raise PredictError(str(e)) from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise PredictError(f'{self.path}: expected one image input (N, 3, H, W), got '
                                f'{[(i.name, i.shape) for i in inputs]}')
+        outputs = self.session.get_outputs()
+        width = outputs[0].shape[-1] if outputs and outputs[0].shape else None
+        if isinstance(width, int) and width != len(self.meta['classes']):
+            raise PredictError(f'{self.path}: the model has {width} outputs, its metadata names '
+                               f'{len(self.meta["classes"])} classes')
         self.input_name = inputs[0].name
         batch = inputs[0].shape[0]
         self.max_batch = batch if isinstance(batch, int) and batch > 0 else 16  # dynamic batch: 16 at a time
@@ -307,7 +236,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument('images', type=Path, nargs='+', metavar='IMAGE', help='image files to classify')
     parser.add_argument('--top-k', type=int, default=5, help='classes to show per image (default 5)')
     parser.add_argument('--json', action='store_true', help='print one JSON document instead of text')
-    parser.add_argument('--threads', type=int, default=0, help='onnxruntime threads (default: its own choice)')
+    add_threads_argument(parser)
     return parser
 
 
@@ -316,8 +245,10 @@ def predict_command(model: Path, images: list[Path], top_k: int = 5, as_json: bo
     """Classify ``images`` with ``model`` and print the result; returns it too."""
     if top_k < 1:
         raise PredictError(f'--top-k must be >= 1, got {top_k}')
-    if threads < 0:
-        raise PredictError(f'--threads must be >= 0, got {threads}')
+    try:
+        check_threads(threads)
+    except ValueError as e:
+        raise PredictError(str(e)) from None
     clf = OnnxClassifier(model, threads=threads)
     results = clf.classify(images, top_k=top_k)
     if as_json:

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .freezing import freeze_groups
 from .models import create_backbone
 
 
@@ -26,9 +27,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def smoke_command(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = create_backbone(args.model, weights=args.weights, num_classes=5)
-    frozen = ('conv_stem', 'bn1') + tuple(f'blocks.{i}.' for i in range(args.freeze_stages))
-    for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith(frozen))
+    freeze_groups(model, 1 + args.freeze_stages)  # the stem, then stages
     model.set_grad_checkpointing(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

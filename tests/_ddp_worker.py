@@ -16,28 +16,29 @@ import sys
 import torch
 
 import fewshot_lkca.pretrain as pretrain
+import fewshot_lkca.pretrain.loop as loop
 
 dump_dir, stop_rank, stop_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rank = int(os.environ['RANK'])
-check_in_sync, cosine_lr = pretrain._check_in_sync, pretrain.cosine_lr
+params_max_diff, train_step = loop.params_max_diff, loop.train_step
 steps_started = []
 
 
 def dump_then_check(backbone, dist_ctx):
     torch.save({k: v.detach().cpu() for k, v in backbone.state_dict().items()}, f'{dump_dir}/rank{rank}.pt')
-    return check_in_sync(backbone, dist_ctx)
+    return params_max_diff(backbone, dist_ctx)
 
 
-def lr_then_maybe_interrupt(step, *args, **kwargs):
-    # The training loop asks for the learning rate once per step, before its forward pass.
+def maybe_interrupt_then_step(net, opt, micro, chunks, step, *args, **kwargs):
+    # The training loop calls train_step once per step, before its forward pass.
     steps_started.append(step)
     if rank == stop_rank and len(steps_started) == stop_step:
         os.kill(os.getpid(), signal.SIGINT)
-    return cosine_lr(step, *args, **kwargs)
+    return train_step(net, opt, micro, chunks, step, *args, **kwargs)
 
 
-pretrain._check_in_sync = dump_then_check
-pretrain.cosine_lr = lr_then_maybe_interrupt
+loop.params_max_diff = dump_then_check
+loop.train_step = maybe_interrupt_then_step
 argv = sys.argv[4:]
 torch.distributed.init_process_group('gloo')
 try:

@@ -127,9 +127,9 @@ def corrupt_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize('argv, message', [
     (['--shots', '0'], r'k_shot must be >= 1, got 0'),
     (['--shots', '1', '-1'], r'k_shot must be >= 1, got -1'),
-    (['--ways', '5'], r"--ways 5 needs 5 classes; '.*' \(novel\) has 4"),
+    (['--ways', '5'], r"n_way=5 needs 5 classes .* only 4 of 4 classes of '.*' \(novel\)"),
     (['--ways', '1'], r'n_way must be >= 2'),
-    (['--shots', '8'], r'8 shots \+ 5 queries need 13 images in 3 classes; only 0 classes .* \(smallest: 10\)'),
+    (['--shots', '8'], r'8 \+ 5 = 13 images each; only 0 of 4 classes .* has 10 \(lower --ways'),
     (['--episodes', '0'], r'episodes must be >= 1'),
     (['--image-size', '16'], r'image_size must be 0 \(default\) or >= 32'),
     (['--weights', '/no/such/model.safetensors'], r'--weights: no such file /no/such/model\.safetensors'),

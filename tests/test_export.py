@@ -9,6 +9,7 @@ import torch
 from conftest import COLOURS, make_shapes_folder
 
 import fewshot_lkca.export as export
+import fewshot_lkca.export.run  # noqa: F401  (export.run: the job, patched below)
 from fewshot_lkca.config import ConfigError, FinetuneConfig, apply_overrides
 from fewshot_lkca.export import ExportError, check_formats, export_run
 from fewshot_lkca.finetune import finetune_command
@@ -62,13 +63,14 @@ def test_formats_are_checked_by_name_and_by_installed_packages(monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnxscript' else real(name, *a))
-    with pytest.raises(ExportError, match="'onnx' needs onnxscript, not installed: pip install onnxscript"):
+    with pytest.raises(ExportError, match="'onnx' needs onnxscript, which is not installed: pip install onnxscript"):
         check_formats(['onnx'])
 
 
 def test_a_device_format_without_its_packages_is_refused_with_the_pip_command(monkeypatch, run_dir):
-    import fewshot_lkca.runtimes as runtimes
-    monkeypatch.setattr(runtimes, 'missing_extra', lambda fmt: f"format '{fmt}' needs ncnn: pip install pnnx ncnn")
+    import fewshot_lkca.export.formats as formats
+    monkeypatch.setattr(formats, 'missing_extra',
+                        lambda fmt: f"format '{fmt}' needs ncnn: pip install pnnx ncnn" if fmt == 'ncnn' else None)
     before = _listing(run_dir)
     with pytest.raises(SystemExit) as exc:
         export.main([str(run_dir), '--format', 'onnx', 'ncnn'])
@@ -129,7 +131,7 @@ def test_a_failed_export_leaves_the_run_directory_as_it_was(run_dir, monkeypatch
 def test_an_export_failure_never_loses_the_finished_run(folder, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ExportError('the exporter broke')
-    monkeypatch.setattr(export, 'export_run', broken)
+    monkeypatch.setattr(export.run, 'export_run', broken)
     lines = []
     metrics = finetune_command(_cfg(folder, tmp_path / 'run', export=['onnx']), progress=False, log=lines.append)
     assert (tmp_path / 'run' / 'metrics.json').is_file() and metrics['episodes']['n'] == 2
@@ -139,7 +141,8 @@ def test_an_export_failure_never_loses_the_finished_run(folder, tmp_path, monkey
 
 
 def test_device_formats_go_through_the_runtimes_module(run_dir, monkeypatch):
-    import fewshot_lkca.runtimes as runtimes
+    import fewshot_lkca.export.executorch as executorch
+    import fewshot_lkca.export.formats as formats
     calls = {}
 
     def fake_executorch(model, path, example, calibration=None, *, check=None):
@@ -148,8 +151,8 @@ def test_device_formats_go_through_the_runtimes_module(run_dir, monkeypatch):
         Path(path).write_bytes(b'pte')
         return dict(format='executorch', path=str(path), size_bytes=3,
                     parity=dict(check=dict(images=len(check), max_abs_diff=1e-6, top1_agreement=1.0)))
-    monkeypatch.setattr(runtimes, 'missing_extra', lambda fmt: None)
-    monkeypatch.setattr(runtimes, 'export_executorch', fake_executorch)
+    monkeypatch.setattr(formats, 'missing_extra', lambda fmt: None)
+    monkeypatch.setattr(executorch, 'export_executorch', fake_executorch)
     lines = []
     report = export_run(run_dir, ['executorch-int8'], log=lines.append)
     held_out = 3 * (12 - 2)

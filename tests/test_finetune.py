@@ -10,7 +10,8 @@ from conftest import COLOURS, make_shapes_folder
 
 from fewshot_lkca.checkpoint import load_checkpoint
 from fewshot_lkca.config import FinetuneConfig, apply_overrides
-from fewshot_lkca.finetune import RunError, finetune_command, main
+from fewshot_lkca.finetune import finetune_command, main
+from fewshot_lkca.rundir import RunDir, RunError
 
 
 def _cfg(data: Path, out: Path, **changes) -> FinetuneConfig:
@@ -108,9 +109,8 @@ def test_killed_run_resumes_to_the_same_metrics(folder, tmp_path, monkeypatch, o
 
 
 def test_ctrl_c_leaves_a_resumable_run(folder, tmp_path, monkeypatch):
-    import fewshot_lkca.finetune as ft
     out = tmp_path / 'run'
-    original = ft._Run.log
+    original = RunDir.log
     calls = []
 
     def interrupt_at_step_4(self, record):
@@ -118,19 +118,19 @@ def test_ctrl_c_leaves_a_resumable_run(folder, tmp_path, monkeypatch):
         calls.append(record['step'])
         if record['step'] == 4:
             raise KeyboardInterrupt
-    monkeypatch.setattr(ft._Run, 'log', interrupt_at_step_4)
+    monkeypatch.setattr(RunDir, 'log', interrupt_at_step_4)
     with pytest.raises(SystemExit, match=f'interrupted at step 4; continue with: .* --resume {out}'):
         finetune_command(_cfg(folder, out), progress=False, log=lambda *_: None)
     assert torch.load(out / 'train_state.pt', weights_only=True)['step'] == 4
-    monkeypatch.setattr(ft._Run, 'log', original)
+    monkeypatch.setattr(RunDir, 'log', original)
     finetune_command(FinetuneConfig(), resume=out, progress=False, log=lambda *_: None)
     assert (out / 'metrics.json').is_file()
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--shots', '0'], 'k_shot must be >= 1, got 0'),
-    (['--ways', '9'], "--ways 9 needs 9 classes; '.*' \\(novel\\) has 3"),
-    (['--shots', '10'], "class '.*' has 12 images; 10 shots \\+ 4 queries need 14"),
+    (['--ways', '9'], "n_way=9 needs 9 classes .* only 3 of 3 classes of '.*' \\(novel\\)"),
+    (['--shots', '10'], "10 \\+ 4 = 14 images each; only 0 of 3 classes .*, '.*', has 12 \\(lower --ways, --shots"),
     (['--recipe', 'nope'], "unknown recipe 'nope'"),
     (['--lrr=0.1'], "unknown option 'lrr' in the command line; did you mean 'lr'"),
     (['--weights', '/no/such.safetensors'], '--weights: no such file'),

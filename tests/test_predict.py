@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from fewshot_lkca import predict
-from fewshot_lkca.predict import MARKER, OnnxClassifier, PredictError, decode_metadata, encode_metadata, load_rgb
+from fewshot_lkca.metadata import MARKER, MetadataError, decode_metadata, encode_metadata
+from fewshot_lkca.predict import OnnxClassifier, PredictError, load_rgb
 
 onnx = pytest.importorskip('onnx')
 CLASSES = ['red', 'green', 'blue']
@@ -180,11 +181,11 @@ def test_bad_input_is_a_one_line_error(case, toy, tmp_path, capsys):
 def test_metadata_is_checked_field_by_field():
     props = encode_metadata(dict(META, **{MARKER: '0.1.0'}))
     assert decode_metadata(props)['classes'] == CLASSES and decode_metadata(props)['image_size'] == 32
-    with pytest.raises(PredictError, match="lacks 'crop_pct'"):
+    with pytest.raises(MetadataError, match="lacks 'crop_pct'"):
         decode_metadata({k: v for k, v in props.items() if k != 'crop_pct'})
-    with pytest.raises(PredictError, match="'classes' does not parse"):
+    with pytest.raises(MetadataError, match="'classes' does not parse"):
         decode_metadata(dict(props, classes='[red, green'))
-    with pytest.raises(PredictError, match='unusable preprocessing'):
+    with pytest.raises(MetadataError, match='unusable preprocessing'):
         decode_metadata(dict(props, crop_pct='1.5'))
 
 

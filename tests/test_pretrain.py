@@ -12,10 +12,13 @@ import torch
 from conftest import make_shapes_folder
 
 import fewshot_lkca.pretrain as pretrain
+import fewshot_lkca.pretrain.loop as loop
 from fewshot_lkca.checkpoint import load_backbone, load_checkpoint
 from fewshot_lkca.config import ConfigError, FinetuneConfig, apply_overrides, list_recipes, load_recipe
-from fewshot_lkca.finetune import RunError, finetune_command
-from fewshot_lkca.pretrain import PretrainConfig, StepSampler, base_pretrained, pretrain_command, prototypical_loss
+from fewshot_lkca.finetune import finetune_command
+from fewshot_lkca.pretrain import PretrainConfig, StepSampler, base_pretrained, pretrain_command
+from fewshot_lkca.rundir import RunError
+from fewshot_lkca.train import prototypical_loss
 
 CLASSES = {'red_disc': (200, 40, 40), 'green_bar': (40, 180, 60), 'blue_square': (40, 60, 200),
            'yellow_ring': (230, 210, 40), 'red_square': (200, 40, 40), 'blue_disc': (40, 60, 200),
@@ -178,14 +181,14 @@ def test_refuses_to_overwrite_a_finished_run_or_a_foreign_folder(folder, tmp_pat
 
 
 def _interrupt_during_step(monkeypatch, step: int) -> None:
-    """Ctrl-C during ``step`` (1-based): the training loop asks for the learning rate once per step."""
-    original = pretrain.cosine_lr
+    """Ctrl-C during ``step`` (1-based): the loop calls train_step once per step with its 0-based index."""
+    original = loop.train_step
 
-    def lr_then_interrupt(s, *args, **kwargs):
+    def interrupt_then_step(net, opt, micro, chunks, s, *args, **kwargs):
         if s == step - 1:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(s, *args, **kwargs)
-    monkeypatch.setattr(pretrain, 'cosine_lr', lr_then_interrupt)
+        return original(net, opt, micro, chunks, s, *args, **kwargs)
+    monkeypatch.setattr(loop, 'train_step', interrupt_then_step)
 
 
 def test_ctrl_c_finishes_the_step_and_resumes_to_the_same_weights(folder, tmp_path, monkeypatch):
@@ -207,12 +210,13 @@ def test_ctrl_c_finishes_the_step_and_resumes_to_the_same_weights(folder, tmp_pa
 _KILL_DURING_STEP_6 = """
 import os, signal, sys
 import fewshot_lkca.pretrain as pt
-original = pt.cosine_lr
-def lr_then_die(step, *args, **kwargs):
+import fewshot_lkca.pretrain.loop as loop
+original = loop.train_step
+def die_then_step(net, opt, micro, chunks, step, *args, **kwargs):
     if step == 5:  # 0-based: during step 6; steps 1-5 are logged, the last checkpoint is step 4 (first val)
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(step, *args, **kwargs)
-pt.cosine_lr = lr_then_die
+    return original(net, opt, micro, chunks, step, *args, **kwargs)
+loop.train_step = die_then_step
 pt.main(sys.argv[1:])
 """
 
@@ -248,7 +252,7 @@ def test_killed_run_resumes_to_the_same_weights(folder, tmp_path):
     (['--recipe', 'lean_5shot'], "'lean_5shot' is a finetune recipe"),
     (['--batch_size=100'], 'batch_size 100 is larger than the 48 training images'),
     (['--accum_steps=3'], 'batch_size 8 must split evenly over 3 chunks'),
-    (['--val_n_way=3'], r"val episodes \(3-way.* need 3 classes .* has 2 of 2"),
+    (['--val_n_way=3'], r"n_way=3 needs 3 classes .* only 2 of 2 classes .* \(val\).*val episodes: lower --val_n_way"),
     (['--method', 'episodic', '--k_shot=10', '--n_query=5'], 'fewer than k_shot \\+ n_query'),
     (['--weights', '/no/such.safetensors'], '--weights: no such file'),
     (['--model', 'lkca_mobilnet'], "unknown model 'lkca_mobilnet'; did you mean"),

@@ -6,7 +6,7 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from fewshot_lkca.quantize import QuantizationError, plan_quantization, quantize_onnx  # noqa: E402
+from fewshot_lkca.export.int8 import QuantizationError, plan_quantization, quantize_onnx  # noqa: E402
 
 SIZE = 24
 

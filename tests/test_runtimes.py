@@ -10,19 +10,12 @@ import timm  # noqa: F401  (first: fewshot_lkca registers its models when timm i
 import torch
 from torch import nn
 
-from fewshot_lkca import runtimes
+from fewshot_lkca.export import formats, ncnn
+from fewshot_lkca.export.executorch import export_executorch, run_executorch
+from fewshot_lkca.export.formats import ExportError, MissingExtraError, RuntimeExportError, missing_extra
+from fewshot_lkca.export.ncnn import export_ncnn, ncnn_bin_path, run_ncnn
 from fewshot_lkca.heads import CosineHead, FewShotClassifier
 from fewshot_lkca.layers import LKCA
-from fewshot_lkca.runtimes import (
-    MissingExtraError,
-    RuntimeExportError,
-    export_executorch,
-    export_ncnn,
-    missing_extra,
-    ncnn_bin_path,
-    run_executorch,
-    run_ncnn,
-)
 
 SIZE = 32
 
@@ -67,7 +60,7 @@ def _no_leftovers(folder, *keep):
 
 def _pretend_absent(monkeypatch, *absent):
     real = importlib.util.find_spec
-    monkeypatch.setattr(runtimes.importlib.util, 'find_spec',
+    monkeypatch.setattr(formats.importlib.util, 'find_spec',
                         lambda name, *a: None if name in absent else real(name, *a) or object())
 
 
@@ -88,12 +81,12 @@ def test_missing_extra_names_only_what_is_absent_and_how_to_install_it(monkeypat
 
 
 def test_unknown_format_is_refused_with_the_choices():
-    with pytest.raises(RuntimeExportError, match="unknown device format 'tflite'.*executorch-int8"):
+    with pytest.raises(ExportError, match="unknown export format 'tflite'.*executorch-int8"):
         missing_extra('tflite')
 
 
 def test_missing_extra_imports_no_runtime():
-    code = ('import sys; from fewshot_lkca.runtimes import missing_extra\n'
+    code = ('import sys; from fewshot_lkca.export.formats import missing_extra\n'
             'for f in ("executorch", "executorch-int8", "ncnn"): missing_extra(f)\n'
             'print(sorted(m for m in ("executorch", "torchao", "pnnx", "ncnn") if m in sys.modules))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, check=True)
@@ -238,7 +231,7 @@ def test_failed_ncnn_export_keeps_the_existing_pair(monkeypatch, tmp_path):
 
     (tmp_path / 'model.ncnn.param').write_text('old param')
     (tmp_path / 'model.ncnn.bin').write_bytes(b'old bin')
-    monkeypatch.setattr(runtimes.subprocess, 'run', half_written)
+    monkeypatch.setattr(ncnn.subprocess, 'run', half_written)
     with pytest.raises(RuntimeExportError, match=r'pnnx could not convert the model \(exit 1\): pnnx: unsupported'):
         export_ncnn(_tiny_classifier(), tmp_path / 'model.ncnn.param', _images(1))
     assert (tmp_path / 'model.ncnn.param').read_text() == 'old param'

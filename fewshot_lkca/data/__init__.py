@@ -12,10 +12,10 @@ Example:
     [0, 1, 2, 3, 4]
 """
 
+from ..errors import CorruptImageError, DataError, DataWarning, ImageTooLargeError
 from .base import ImageDataset
 from .cards import get_card, get_dataset, list_datasets
-from .episodes import Episode, EpisodePlan, EpisodeSampler, labelled_loader
-from .errors import CorruptImageError, DataError, DataWarning, ImageTooLargeError
+from .episodes import Episode, EpisodePlan, EpisodeSampler, labelled_loader, usable_classes
 from .folders import ImageFolderDataset, load_image
 from .lookalike import LookalikeDataset, lookalike_classes, render_lookalike
 from .omniglot import OmniglotDataset, OmniglotFolderDataset, OneShotRun, read_one_shot_runs
@@ -45,4 +45,5 @@ __all__ = [
     "read_one_shot_runs",
     "render_lookalike",
     "train_transform",
+    "usable_classes",
 ]

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import DataError
 from .base import ImageDataset
-from .errors import DataError
 
 __all__ = ["CARD_DIR", "get_card", "get_dataset", "list_datasets"]
 

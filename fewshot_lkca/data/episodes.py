@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError, DataWarning
+from ..errors import DataError, DataWarning
+from ..seeding import derive_seed
 
-__all__ = ["Episode", "EpisodePlan", "EpisodeSampler", "episode_seed", "import_learn2learn", "labelled_loader"]
+__all__ = ["Episode", "EpisodePlan", "EpisodeSampler", "import_learn2learn", "labelled_loader",
+           "usable_classes"]
 
 
 def import_learn2learn():
@@ -33,9 +35,69 @@ def import_learn2learn():
     return learn2learn
 
 
-def episode_seed(seed: int, episode: int) -> int:
-    """The seed of one episode: a hash of (seed, episode), so neighbouring episodes are unrelated."""
-    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
+def enumerate_classes(targets: Sequence[int]) -> dict[int, list[int]]:
+    """Class label -> indices of its samples, in order of first appearance."""
+    per_class: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        per_class.setdefault(int(label), []).append(index)
+    return per_class
+
+
+def usable_classes(
+    targets: Sequence[int],
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    classes: Sequence[str] | None = None,
+    *,
+    drop_small: bool = False,
+    where: str = "",
+    hint: str = "lower --ways, --shots or --queries",
+    warn: bool = True,
+    stacklevel: int = 2,
+) -> dict[int, list[int]]:
+    """The classes that can fill an N-way episode of `k_shot + n_query` images each: label -> sample indices.
+
+    The one rule behind every episode (fine-tuning's task, evaluation, pretraining's val, the sampler, metrics).
+
+    Args:
+        targets: Class label of every sample.
+        classes: Class names by label, for the messages.
+        drop_small: Leave out classes with too few samples instead of raising (with a `DataWarning` if `warn`).
+        where: Names the data in messages, e.g. "'lookalike' (novel)".
+        hint: What the user can change, named by the options they typed.
+
+    Raises:
+        DataError: Fewer than `n_way` classes can fill an episode, or (without `drop_small`) a class cannot.
+
+    Example:
+        >>> sorted(usable_classes([0, 0, 1, 1, 2], n_way=2, k_shot=1, n_query=1, drop_small=True, warn=False))
+        [0, 1]
+    """
+    per_class = enumerate_classes(targets)
+    names = list(classes) if classes is not None else [str(c) for c in range(max(per_class, default=-1) + 1)]
+    need = k_shot + n_query
+    where = f" of {where}" if where else ""
+    small = {c: len(ix) for c, ix in per_class.items() if len(ix) < need}
+    if small:
+        named = ", ".join(f"'{names[c]}' has {n}" for c, n in list(small.items())[:5])
+        more = f" (and {len(small) - 5} more classes)" if len(small) > 5 else ""
+        message = (f"{len(small)} of {len(per_class)} classes{where} have fewer than k_shot + n_query = "
+                   f"{k_shot} + {n_query} = {need} images: {named}{more}")  # fmt: skip
+        if not drop_small:
+            raise DataError(f"{message}; {hint}, or add images")
+        if warn:
+            warnings.warn(message + "; they are left out of episodes", DataWarning, stacklevel=stacklevel)
+        per_class = {c: ix for c, ix in per_class.items() if c not in small}
+    if len(per_class) < n_way:
+        counts = {c: len(ix) for c, ix in enumerate_classes(targets).items()}
+        largest = max(counts, key=counts.get, default=None)
+        top = f"; the largest, '{names[largest]}', has {counts[largest]}" if largest is not None else ""
+        raise DataError(
+            f"n_way={n_way} needs {n_way} classes with k_shot + n_query = {k_shot} + {n_query} = {need} images "
+            f"each; only {len(per_class)} of {len(counts)} classes{where} have them{top} ({hint})"
+        )
+    return per_class
 
 
 @contextlib.contextmanager
@@ -162,33 +224,15 @@ class EpisodeSampler(Dataset):
         self._taskset = l2l.data.Taskset(meta, task_transforms, num_tasks=-1, task_collate=_keep_pairs)
 
     def _usable_classes(self, targets: Sequence[int], drop_small: bool) -> dict[int, list[int]]:
-        per_class: dict[int, list[int]] = {}
-        for index, label in enumerate(targets):
-            per_class.setdefault(label, []).append(index)
-        need = self.k_shot + self.n_query
-        small = {c: len(ix) for c, ix in per_class.items() if len(ix) < need}
-        if small:
-            named = ", ".join(f"'{self.classes[c]}' has {n}" for c, n in list(small.items())[:5])
-            more = f" (and {len(small) - 5} more classes)" if len(small) > 5 else ""
-            message = (f"{len(small)} of {len(per_class)} classes have fewer than k_shot + n_query = "
-                       f"{self.k_shot} + {self.n_query} = {need} images: {named}{more}")  # fmt: skip
-            if not drop_small:
-                raise DataError(message + "; lower k_shot/n_query or pass drop_small_classes=True")
-            warnings.warn(message + "; they are left out of episodes", DataWarning, stacklevel=3)
-            per_class = {c: ix for c, ix in per_class.items() if c not in small}
-        if len(per_class) < self.n_way:
-            raise DataError(
-                f"n_way={self.n_way} needs {self.n_way} classes with >= {need} images each; only "
-                f"{len(per_class)} of {len(self.classes)} classes have them"
-            )
-        return per_class
+        return usable_classes(targets, self.n_way, self.k_shot, self.n_query, self.classes, drop_small=drop_small,
+                              stacklevel=4)
 
     def __len__(self) -> int:
         return self.num_episodes
 
     def _describe(self, episode: int):
         """learn2learn's task description for one episode and, per sample, (index, episode label)."""
-        with _seeded_global_random(episode_seed(self.seed, episode)):
+        with _seeded_global_random(derive_seed(self.seed, episode)):
             description = self._taskset.sample_task_description()
         # RemapLabels appended a callable (x, y) -> (x, new_y); a placeholder image gives the label
         # without loading anything.
@@ -221,7 +265,7 @@ class EpisodeSampler(Dataset):
     def sample(self, episode: int) -> Episode:
         """Load episode `episode`: the same samples as `plan(episode)`, through the data set's transform."""
         description, labelled = self._describe(episode)
-        seed = episode_seed(self.seed, episode)
+        seed = derive_seed(self.seed, episode)
         transform = getattr(self.dataset, "transform", None)
         if hasattr(transform, "set_random_seed"):  # random augmentation, reproducible per episode too
             transform.set_random_seed(seed)

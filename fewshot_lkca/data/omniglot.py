@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import DataError
 from .base import ImageDataset
-from .errors import DataError
 from .folders import load_image
 
 __all__ = [

@@ -20,7 +20,7 @@ What is quantized and what stays fp32:
 
 Example:
     >>> import numpy as np
-    >>> from fewshot_lkca.quantize import quantize_onnx
+    >>> from fewshot_lkca.export.int8 import quantize_onnx
     >>> report = quantize_onnx(Path('model.onnx'), Path('model.int8.onnx'), calibration)  # doctest: +SKIP
     >>> report['quantized_nodes']  # doctest: +SKIP
     {'Conv': 61, 'Relu': 5}
@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot_lkca.checkpoint import atomic_write
+from ..files import atomic_write
+from .session import onnx_session
 
 __all__ = ['QuantizationError', 'QUANTIZED_OP_TYPES', 'DEPTHWISE_CHOICES', 'quantize_onnx', 'plan_quantization']
 
@@ -127,13 +128,8 @@ def _check_calibration(calibration, dims: list) -> np.ndarray:
 
 def _optimize_basic(model, path: Path) -> None:
     """onnxruntime's basic (portable) graph optimizations: constant folding, BatchNorm and other folds into Conv."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.optimized_model_filepath = str(path)
     # From bytes, so that the written copy holds its weights rather than pointing into the exporter's side file.
-    ort.InferenceSession(model.SerializeToString(), opts, providers=['CPUExecutionProvider'])
+    onnx_session(model.SerializeToString(), optimization='basic', save_optimized=path)
 
 
 def _consumers(model) -> dict[str, list]:
@@ -219,13 +215,9 @@ def _size(path: Path) -> int:
 def _runtime_ops(path: Path) -> dict[str, int]:
     """Op types of the graph onnxruntime actually runs (after its fusions) for ``path``."""
     import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.optimized_model_filepath = str(Path(tmp) / 'runtime.onnx')
-        opts.log_severity_level = 3  # the "hardware specific optimizations" warning is expected here
-        ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+        onnx_session(path, save_optimized=Path(tmp) / 'runtime.onnx')
         graph = onnx.load(str(Path(tmp) / 'runtime.onnx'), load_external_data=False).graph
     return dict(sorted(collections.Counter(n.op_type for n in graph.node).items()))
 
@@ -238,14 +230,7 @@ def _timings(paths: dict[str, Path], image: np.ndarray, rounds: int = 12, per_ro
     """
     import time
 
-    import onnxruntime as ort
-
-    sessions = {}
-    for key, path in paths.items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        sessions[key] = ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+    sessions = {key: onnx_session(path, threads=1) for key, path in paths.items()}
     feeds = {key: {s.get_inputs()[0].name: image} for key, s in sessions.items()}
     for key, session in sessions.items():  # warm-up
         for _ in range(3):
@@ -277,6 +262,26 @@ def _strip_unused_domains(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+class _DropAdvice(logging.Filter):
+    """onnxruntime's advice to run its pre-processing, logged on the root logger for every quantize_static call.
+    Measured (2026-11): its pre-processing splits Hardswish into HardSigmoid + Mul and doubled the int8 time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith('Please consider to run pre-processing')
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """Silence the quantizer's progress prints and its pre-processing advice (neither is news to our user)."""
+    root, advice = logging.getLogger(), _DropAdvice()
+    root.addFilter(advice)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its percentile progress
+            yield
+    finally:
+        root.removeFilter(advice)
+
+
 def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, depthwise: str = 'auto') -> dict:
     """Quantize ``fp32_path`` to int8 (QDQ, onnxruntime CPU) and write it to ``out_path`` atomically.
 
@@ -297,8 +302,6 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
             ``depthwise``, or an output path equal to the input or in a missing folder.
     """
     import onnx
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if depthwise not in DEPTHWISE_CHOICES:
         raise QuantizationError(f"depthwise must be one of {list(DEPTHWISE_CHOICES)}, got '{depthwise}'")
@@ -316,50 +319,71 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
         fused = tmp / 'fp32_basic.onnx'
         _optimize_basic(model, fused)
         prepared = onnx.load(str(fused))
-        floors = _hardswish_inputs(prepared)
-        options = dict(
-            quant_format=QuantFormat.QDQ,  # QOperator measured the same speed (2.19 vs 2.22 ms); QDQ is the standard
-            op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-            per_channel=True,  # one scale per output channel: depthwise kernels differ by orders of magnitude
-            # uint8 activations with int8 weights: onnxruntime's fast x86 path (u8s8). int8 activations left 24 of 53
-            # convs of tf_mobilenetv3_small_100 unfused (5.4 ms vs 2.2 ms).
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            # reduce_range (7-bit weights) is onnxruntime's advice for CPUs without VNNI, where u8s8 products can
-            # saturate; this CPU has VNNI, so it could not be measured here, and it halves the weights' resolution.
-            reduce_range=False,
-            calibrate_method=CalibrationMethod.Percentile,
-            extra_options=dict(CalibPercentile=_PERCENTILE, CalibTensorRangeSymmetric=False),
-        )
         plans = {'int8': plan_quantization(prepared, depthwise=True), 'fp32': plan_quantization(prepared, False)}
-        cache = tmp / 'ranges.json'
-        # Calibrate once (the ranges of every tensor are kept), apply the hard-swish floors, then quantize each plan.
-        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its percentile progress
-            quantize_static(str(fused), str(tmp / 'first.onnx'), _ArrayReader(input_name, calibration),
-                            calibration_cache_path=str(cache), nodes_to_exclude=sorted(plans['int8']), **options)
-        moved = _clip_ranges(cache, floors)
         wanted = ['int8', 'fp32'] if depthwise == 'auto' or plans['int8'] == plans['fp32'] else [depthwise]
-        built = {}
-        for choice in dict.fromkeys(wanted):
-            built[choice] = tmp / f'int8_dw_{choice}.onnx'
-            quantize_static(str(fused), str(built[choice]), None, calibration_cache_path=str(cache),
-                            nodes_to_exclude=sorted(plans[choice]), **options)
-            _strip_unused_domains(built[choice])
+        built, moved = _build_plans(fused, prepared, plans, dict.fromkeys(wanted), input_name, calibration, tmp)
         timings = None
         if len(built) == 2 and plans['int8'] != plans['fp32']:
             timings = _timings(built, calibration[:1])  # ratio: int8-depthwise time / fp32-depthwise time
             choice = 'int8' if timings['ratio'] < _CLEARLY_FASTER else 'fp32'
         else:
             choice = wanted[0]
-        keep = plans[choice]
         # Built in the scratch folder and copied into place: a failure above never touches out_path's folder.
         atomic_write(out_path, lambda t: shutil.copyfile(built[choice], t))
+    report = _report(prepared, plans[choice], fp32_path, out_path, calibration, moved, choice, depthwise)
+    if timings is not None:
+        report['depthwise_timing_ms'] = {k: round(v, 4) for k, v in timings.items()}
+    return report
+
+
+def _options() -> dict:
+    """quantize_static's settings, each with its measured reason."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    return dict(
+        quant_format=QuantFormat.QDQ,  # QOperator measured the same speed (2.19 vs 2.22 ms); QDQ is the standard
+        op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+        per_channel=True,  # one scale per output channel: depthwise kernels differ by orders of magnitude
+        # uint8 activations with int8 weights: onnxruntime's fast x86 path (u8s8). int8 activations left 24 of 53
+        # convs of tf_mobilenetv3_small_100 unfused (5.4 ms vs 2.2 ms).
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        # reduce_range (7-bit weights) is onnxruntime's advice for CPUs without VNNI, where u8s8 products can
+        # saturate; this CPU has VNNI, so it could not be measured here, and it halves the weights' resolution.
+        reduce_range=False,
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options=dict(CalibPercentile=_PERCENTILE, CalibTensorRangeSymmetric=False),
+    )
+
+
+def _build_plans(fused: Path, prepared, plans: dict, choices, input_name: str, calibration: np.ndarray,
+                 tmp: Path) -> tuple[dict[str, Path], int]:
+    """Calibrate once (every tensor's range is kept), apply the hard-swish floors, then quantize each plan."""
+    from onnxruntime.quantization import quantize_static
+
+    options, cache = _options(), tmp / 'ranges.json'
+    with _quiet_quantizer():
+        quantize_static(str(fused), str(tmp / 'first.onnx'), _ArrayReader(input_name, calibration),
+                        calibration_cache_path=str(cache), nodes_to_exclude=sorted(plans['int8']), **options)
+        moved = _clip_ranges(cache, _hardswish_inputs(prepared))
+        built = {}
+        for choice in choices:
+            built[choice] = tmp / f'int8_dw_{choice}.onnx'
+            quantize_static(str(fused), str(built[choice]), None, calibration_cache_path=str(cache),
+                            nodes_to_exclude=sorted(plans[choice]), **options)
+            _strip_unused_domains(built[choice])
+    return built, moved
+
+
+def _report(prepared, keep: dict, fp32_path: Path, out_path: Path, calibration: np.ndarray, moved: int, choice: str,
+            depthwise: str) -> dict:
+    import onnxruntime as ort
 
     quantized = collections.Counter(n.op_type for n in prepared.graph.node
                                     if n.op_type in QUANTIZED_OP_TYPES and n.name not in keep)
     kept = collections.Counter(f"{v['op_type']} ({v['reason']})" for v in keep.values())
     fp32_ops = collections.Counter(n.op_type for n in prepared.graph.node if n.op_type not in QUANTIZED_OP_TYPES)
-    report = dict(
+    return dict(
         fp32_model=str(fp32_path), int8_model=str(out_path),
         settings=dict(format='QDQ', activations='uint8 per-tensor', weights='int8 symmetric per-channel',
                       calibration=f'percentile {_PERCENTILE} asymmetric', calibration_images=len(calibration),
@@ -372,6 +396,3 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
         runtime_ops=_runtime_ops(out_path),
         fp32_bytes=_size(fp32_path), int8_bytes=out_path.stat().st_size,
     )
-    if timings is not None:
-        report['depthwise_timing_ms'] = {k: round(v, 4) for k, v in timings.items()}
-    return report

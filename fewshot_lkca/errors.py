@@ -1,4 +1,4 @@
-"""Typed errors and warnings of the data layer.
+"""Typed errors and warnings of the data layer, torch-free (the device-side predictor raises them too).
 
 Every message is one line that names the file, class or count a user has to act on.
 """

@@ -1,0 +1,4 @@
+"""``python -m fewshot_lkca.export``."""
+from .cli import main
+
+main()

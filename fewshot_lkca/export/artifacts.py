@@ -1,0 +1,93 @@
+"""One writer per format: it makes the artifact, writes it atomically, and checks it against PyTorch (or fp32).
+
+* ``onnx``: fp32 (`fewshot_lkca.export.onnx.export_onnx`), ``onnx.checker`` clean, class names and preprocessing in
+  ``metadata_props`` (`fewshot_lkca.metadata`); logits max abs difference to PyTorch on the run's images.
+* ``onnx-int8``: the fp32 model quantized by `fewshot_lkca.export.int8.quantize_onnx`, calibrated on the support
+  set; top-1 agreement with fp32 and the accuracy of both on held-out images never used for calibration.
+* ``executorch``, ``executorch-int8``, ``ncnn``: device formats (batch 1), run back with their own runtimes.
+"""
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .inputs import Inputs, Reference
+from .onnx import check_onnx, export_onnx, opset, parity, save_onnx, set_metadata
+from .session import onnx_session, run_onnx
+
+__all__ = ['write_onnx', 'write_onnx_int8', 'write_device']
+
+DEVICE_CHECK_IMAGES = 100  # batch-1 runtimes run one image at a time
+
+
+def _onnx_metadata(meta: dict, precision: str) -> dict[str, str]:
+    from .. import __version__
+    from ..metadata import CLASSIFIER_KEYS, MARKER, encode_metadata
+
+    fields = {k: meta[k] for k in (*CLASSIFIER_KEYS, 'step') if k in meta}
+    if meta.get('data'):  # the data set's name, not a path on the training machine
+        fields['data'] = Path(str(meta['data'])).name
+    return encode_metadata(dict(fields, precision=precision, **{MARKER: __version__}))
+
+
+def write_onnx(inputs: Inputs, ref: Reference, path: Path) -> dict:
+    """fp32 ONNX with dynamic batch and our metadata, checked, written atomically, compared with PyTorch."""
+    import torch
+
+    start = time.perf_counter()
+    proto = export_onnx(inputs.model, ref.images[:2])
+    set_metadata(proto, _onnx_metadata(inputs.meta, 'fp32'))
+    check_onnx(proto)
+    save_onnx(proto, path)
+    seconds = time.perf_counter() - start
+    logits = run_onnx(onnx_session(path), ref.images.numpy())
+    size = inputs.meta['image_size']
+    return dict(format='onnx', path=str(path), precision='fp32', size_bytes=path.stat().st_size, opset=opset(proto),
+                nodes=len(proto.graph.node), input=dict(name='image', shape=['batch', 3, size, size]),
+                exporter=dict(dynamo=True, optimize=True, torch=torch.__version__), checker='ok',
+                parity=dict(parity(ref.logits, logits), inputs=ref.source), seconds=round(seconds, 1))
+
+
+def write_onnx_int8(inputs: Inputs, path: Path, fp32_path: Path, staging: Path) -> dict:
+    """int8 ONNX from the fp32 one, calibrated on the support set, checked against fp32 on the held-out images."""
+    import onnx
+
+    from .int8 import quantize_onnx
+
+    start = time.perf_counter()
+    quantized = staging / f'quantized.{path.name}'
+    report = quantize_onnx(fp32_path, quantized, inputs.calibration)
+    proto = onnx.load(str(quantized))
+    set_metadata(proto, _onnx_metadata(inputs.meta, 'int8'))  # whatever the quantizer kept, ours is complete
+    check_onnx(proto, 'the int8 ONNX model')
+    save_onnx(proto, path)
+    seconds = time.perf_counter() - start
+    out = dict(format='onnx-int8', path=str(path), precision='int8', size_bytes=path.stat().st_size,
+               nodes=len(proto.graph.node), calibration_images=len(inputs.calibration), quantization=report,
+               seconds=round(seconds, 1))
+    if inputs.held_out is not None:
+        images = inputs.held_out.numpy()
+        fp32, int8 = run_onnx(onnx_session(fp32_path), images), run_onnx(onnx_session(path), images)
+        labels = inputs.held_out_y
+        out['check'] = dict(images=len(images), inputs='held-out images of the run (not used for calibration)',
+                            top1_agreement=float((fp32.argmax(1) == int8.argmax(1)).mean()),
+                            accuracy_fp32=float((fp32.argmax(1) == labels).mean()),
+                            accuracy_int8=float((int8.argmax(1) == labels).mean()),
+                            max_abs_diff=float(np.abs(fp32 - int8).max()))
+    return out
+
+
+def write_device(fmt: str, inputs: Inputs, ref: Reference, path: Path) -> dict:
+    """ExecuTorch (fp32 or int8) or NCNN, batch 1, run back and compared with PyTorch."""
+    import torch
+
+    example = ref.images[:1]
+    if fmt == 'ncnn':
+        from .ncnn import export_ncnn
+
+        return export_ncnn(inputs.model, path, example)
+    from .executorch import export_executorch
+
+    calibration = torch.from_numpy(inputs.calibration) if fmt == 'executorch-int8' else None
+    check = inputs.held_out[:DEVICE_CHECK_IMAGES] if inputs.held_out is not None else ref.images
+    return export_executorch(inputs.model, path, example, calibration, check=check)

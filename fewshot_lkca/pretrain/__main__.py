@@ -1,0 +1,4 @@
+"""``python -m fewshot_lkca.pretrain``."""
+from .cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""The run directory: one folder per training job, its file names, and the rules for starting and resuming one.
+
+Every job (fine-tuning, pretraining, the cached base pretraining) writes the same kinds of file::
+
+    config.json          the resolved config, written first: a folder with it is a run
+    log.jsonl            one JSON record per optimizer step
+    train_state.pt       what --resume needs (optimizer, step); deleted when the run finishes
+    metrics.json         written last: a folder with it is a finished run
+    model.safetensors    fine-tuning: the classifier;  best/last.safetensors: pretraining's backbones
+    export.json          the exporter's report, beside the artifacts it wrote
+
+Example:
+    >>> run = RunDir('runs/example')  # doctest: +SKIP
+    >>> run.finished  # doctest: +SKIP
+    False
+"""
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from .config import ConfigError, apply_overrides
+from .files import atomic_write
+
+__all__ = ['RunError', 'RunDir', 'CONFIG_FILE', 'LOG_FILE', 'METRICS_FILE', 'MODEL_FILE', 'STATE_FILE', 'BEST_FILE',
+           'LAST_FILE', 'CURVE_FILE', 'CONFUSION_FILE', 'EXPORT_FILE', 'new_run', 'open_resumed']
+
+CONFIG_FILE, LOG_FILE, METRICS_FILE, STATE_FILE = 'config.json', 'log.jsonl', 'metrics.json', 'train_state.pt'
+MODEL_FILE, EXPORT_FILE = 'model.safetensors', 'export.json'
+BEST_FILE, LAST_FILE = 'best.safetensors', 'last.safetensors'
+CURVE_FILE, CONFUSION_FILE = 'training_curve.png', 'confusion.png'
+# What a fresh start removes from a folder it reuses (--overwrite): every file a job writes, exports aside.
+_JOB_FILES = (LOG_FILE, STATE_FILE, METRICS_FILE, MODEL_FILE, BEST_FILE, LAST_FILE, CURVE_FILE, CONFUSION_FILE)
+
+
+class RunError(RuntimeError):
+    """The run directory cannot be used as asked (finished, not a run, ...)."""
+
+
+class RunDir:
+    """The files of one run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def write_json(self, name: str, obj) -> None:
+        atomic_write(self.path(name), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + '\n'))
+
+    def log(self, record: dict) -> None:
+        with open(self.path(LOG_FILE), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+    def records(self) -> list[dict]:
+        """The step records of log.jsonl (none when there is no log yet)."""
+        path = self.path(LOG_FILE)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def trim_log(self, step: int) -> None:
+        """Drop records past ``step``: written after the last checkpoint, they are about to be replayed."""
+        if self.path(LOG_FILE).is_file():
+            kept = [r for r in self.records() if r['step'] <= step]
+            atomic_write(self.path(LOG_FILE), lambda tmp: tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept)))
+
+    @property
+    def started(self) -> bool:
+        return self.path(CONFIG_FILE).is_file()
+
+    @property
+    def finished(self) -> bool:
+        return self.path(METRICS_FILE).is_file()
+
+    def start(self, cfg) -> None:
+        """Create the folder, clear what an earlier job left, and write the resolved config."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in _JOB_FILES:
+            self.path(name).unlink(missing_ok=True)
+        self.write_json(CONFIG_FILE, dataclasses.asdict(cfg))
+
+
+def new_run(root: str | os.PathLike, overwrite: bool) -> RunDir:
+    """The run directory for a new job, refusing to clobber a finished run, an unfinished one, or a foreign folder."""
+    run = RunDir(root)
+    if run.finished and not overwrite:
+        raise RunError(f'{run.root} holds a finished run; pass --overwrite to replace it or --out for another '
+                       'directory')
+    if run.root.exists() and not run.root.is_dir():
+        raise RunError(f'--out {run.root} is a file, not a folder; choose another --out')
+    if run.root.is_dir() and any(run.root.iterdir()) and not run.started:
+        raise RunError(f'{run.root} exists and is not a run directory; choose another --out')
+    if run.started and not run.finished and not overwrite:
+        raise RunError(f'{run.root} holds an unfinished run; continue it with --resume {run.root} or pass --overwrite')
+    return run
+
+
+def open_resumed(root: str | os.PathLike, config_cls: type):
+    """The saved config (a ``config_cls``) and run directory of an interrupted run; reads only.
+
+    Raises:
+        RunError: Not a run, a finished run, or a run of another kind (its config does not fit ``config_cls``).
+    """
+    run = RunDir(root)
+    if not run.started:
+        raise RunError(f'--resume {run.root}: not a run directory (no {CONFIG_FILE})')
+    if run.finished:
+        raise RunError(f'--resume {run.root}: the run already finished (see {run.path(METRICS_FILE)})')
+    try:
+        saved = json.loads(run.path(CONFIG_FILE).read_text())
+        cfg = apply_overrides(config_cls(), saved, source=str(run.path(CONFIG_FILE))).validate()
+    except (OSError, ValueError, AttributeError) as e:  # ConfigError is a ValueError, and so is bad JSON
+        kind = getattr(config_cls, 'recipe_kind', 'finetune')
+        reason = str(e).splitlines()[0] if not isinstance(e, ConfigError) else str(e)
+        raise RunError(f'--resume {run.root}: {CONFIG_FILE} is not a {kind} config ({reason})') from None
+    return cfg, run
