@@ -19,8 +19,8 @@ from typing import Any
 __all__ = ['ConfigError', 'FinetuneConfig', 'RECIPE_DIR', 'list_recipes', 'load_recipe', 'apply_overrides',
            'resolve_config', 'parse_override', 'parse_cli']
 
-# Recipes live in the repository's recipes/ folder, next to the package.
-RECIPE_DIR = Path(__file__).resolve().parents[1] / 'recipes'
+# Recipes ship inside the package (an installed wheel has them); the repository's top-level recipes/ links to them.
+RECIPE_DIR = Path(__file__).resolve().parent / 'recipes'
 
 
 class ConfigError(ValueError):

@@ -31,3 +31,63 @@ def test_models_register_whatever_the_import_order():
     for statement in orders:
         _imported_modules(f"{statement}\nassert timm.is_model('lkca_mobilenet'), {statement!r}")
     assert 'torch' not in _imported_modules('import fewshot_lkca')
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, imports inside functions included (from the source, by ast)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / 'fewshot_lkca'
+    names = {}
+    for path in root.rglob('*.py'):
+        parts = list(path.relative_to(root.parent).with_suffix('').parts)
+        names['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        package = name if path.name == '__init__.py' else name.rsplit('.', 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split('.')[:len(package.split('.')) - node.level + 1] if node.level else []
+                module = '.'.join(base + ([node.module] if node.module else []))
+                found = [module] + [f'{module}.{a.name}' for a in node.names]
+            else:
+                continue
+            for item in found:  # the deepest module of ours that the import names
+                parts = item.split('.')
+                hit = next(('.'.join(parts[:k]) for k in range(len(parts), 0, -1) if '.'.join(parts[:k]) in names),
+                           None)
+                if hit and hit != name and names[hit].name != '__init__.py':  # a package's __init__ re-exports
+                    targets.add(hit)
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycle_inside_the_package():
+    graph = _package_imports()
+    state, path = {}, []
+
+    def visit(node):  # depth-first search; meeting a module still on the path closes a cycle
+        state[node] = 'open'
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 'open':
+                raise AssertionError('import cycle: ' + ' -> '.join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 'done'
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    assert 'fewshot_lkca.config' in graph and graph['fewshot_lkca.finetune'], 'the import graph was not read'
+
+
+def test_the_cycle_check_sees_imports_inside_functions(tmp_path):
+    # The check reads source: an import inside a function counts as much as one at the top.
+    graph = _package_imports()
+    assert 'fewshot_lkca.export.formats' in graph['fewshot_lkca.config']  # imported inside FinetuneConfig.validate
