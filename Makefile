@@ -23,7 +23,12 @@ $(INSTALLED): $(VENV)/.learn2learn pyproject.toml
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,plots,device]"
 	touch $@
 
-test: $(INSTALLED)
+# timm's own tests/test_models.py for the installed timm (from its sdist): tests/test_timm_contract.py runs it.
+$(VENV)/timm-tests/.fetched: $(INSTALLED) scripts/fetch_timm_tests.sh
+	bash scripts/fetch_timm_tests.sh $(PY) $(VENV)/timm-tests
+	touch $@
+
+test: $(INSTALLED) $(VENV)/timm-tests/.fetched
 	$(PY) -m pytest -q
 
 demo: $(INSTALLED)

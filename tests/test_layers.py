@@ -96,11 +96,20 @@ def test_sru_matches_paper_equations():
     sru = SRU(8, max_groups=4)
     assert torch.equal(sru.gn.weight, torch.ones(8)) and torch.equal(sru.gn.bias, torch.zeros(8))  # GroupNorm's init
     x = torch.randn(2, 8, 5, 5)
-    # gamma = 1: W_gamma = 1/C > 0, so sigmoid(GN(x) * W_gamma) >= 0.5 exactly where GN(x) >= 0
-    w1 = (nn.functional.group_norm(x, 4) >= 0).float()
-    x1, x2 = w1 * x, (1 - w1) * x
+    # gamma = 1: W_gamma = 1/C, W = sigmoid(GN(x) / C), and the threshold 0.5 selects exactly where GN(x) >= 0
+    gn = nn.functional.group_norm(x, 4)
+    w = torch.sigmoid(gn / 8)
+    selected = (gn >= 0).float()
+    x1, x2 = selected * w * x, (1 - selected) * w * x
     expected = torch.cat([x1[:, :4] + x2[:, 4:], x2[:, :4] + x1[:, 4:]], dim=1)
     torch.testing.assert_close(sru(x), expected)
+
+
+def test_sru_groupnorm_scale_and_shift_get_gradients():
+    """The threshold only selects and the sigmoid weights multiply, so gamma and beta train (0/1 weights would not)."""
+    sru = SRU(8, max_groups=4)
+    sru(torch.randn(2, 8, 5, 5)).square().sum().backward()
+    assert sru.gn.weight.grad.abs().sum() > 0 and sru.gn.bias.grad.abs().sum() > 0
 
 
 def test_cru_fuses_branches_with_a_per_channel_softmax():

@@ -149,6 +149,40 @@ def test_forward_intermediates_align_with_features_only():
     assert [t.shape for t in only] == [t.shape for t in inter[-2:]]
 
 
+@pytest.mark.parametrize('name', FAMILY)
+def test_factory_device_and_dtype_reach_every_tensor(name):
+    """timm's `device=` / `dtype=` (timm builds models on 'meta' to inspect them), also for a new classifier."""
+    model = timm.create_model(name, device='meta', dtype=torch.float64)
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    assert not [n for n, t in tensors.items() if t.device.type != 'meta'], 'not on meta'
+    assert not [n for n, t in tensors.items() if t.is_floating_point() and t.dtype != torch.float64], 'not float64'
+    model.eval().reset_classifier(3)
+    assert (model.classifier.weight.device.type, model.classifier.weight.dtype) == ('meta', torch.float64)
+    assert not model.classifier.training
+    assert model(torch.randn(1, 3, SIZE, SIZE, device='meta', dtype=torch.float64)).shape == (1, 3)
+
+
+@pytest.mark.filterwarnings('ignore:The TorchScript type system:UserWarning')  # torch's own, scripting a GraphModule
+def test_fx_trace_matches_eager_and_keeps_the_input_check():
+    model = timm.create_model('lkca_mobilenet', num_classes=4).eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert traced(x).equal(model(x))
+        with pytest.raises(ValueError, match='3-channel images'):
+            traced(torch.randn(1, 1, SIZE, SIZE))
+        # the check is a scriptable function: an FX graph of the model scripts too (timm's FX + TorchScript test)
+        assert torch.jit.script(traced)(x).equal(model(x))
+
+
+def test_scconv_twin_trains_every_parameter():
+    model = timm.create_model('lkca_mobilenet_scconv', num_classes=5, zero_init_last=False).train()
+    model(torch.randn(2, 3, SIZE, SIZE)).logsumexp(1).mean().backward()
+    sru = [n for n, _ in model.named_parameters() if '.sru.gn.' in n]
+    assert sru and not [n for n, p in model.named_parameters() if p.grad is None]
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in sru)
+
+
 def test_torchscript_matches_eager():
     model = timm.create_model('lkca_mobilenet', num_classes=4).eval()
     scripted = torch.jit.script(model)

@@ -66,6 +66,8 @@ class CoordAttention(CoordAttn):
             norm: str = 'gn',
             act_layer: type[nn.Module] = nn.Hardswish,
             init_gate: float = 0.9,
+            device=None,
+            dtype=None,
     ):
         if norm not in _NORMS:
             raise ValueError(f"CoordAttention norm must be one of {sorted(_NORMS)}, got '{norm}'")
@@ -76,6 +78,8 @@ class CoordAttention(CoordAttn):
             act_layer=act_layer,
             norm_layer=_NORMS[norm],
             gate_layer='sigmoid',
+            device=device,
+            dtype=dtype,
         )
         self.init_gate = init_gate
         self.reset_gates(init_gate)
@@ -83,11 +87,12 @@ class CoordAttention(CoordAttn):
     @torch.no_grad()
     def reset_gates(self, gate_product: float | torch.Tensor) -> None:
         """Zero the gate weights and set their biases so that ``a_h * a_w == gate_product`` (scalar or per channel)."""
-        gate_product = torch.as_tensor(gate_product, dtype=self.conv_h.bias.dtype)
+        # Checked and computed on the CPU: the module may live on 'meta' (timm builds models there to inspect them).
+        gate_product = torch.as_tensor(gate_product, dtype=self.conv_h.bias.dtype, device='cpu')
         if ((gate_product <= 0) | (gate_product >= 1)).any():
             raise ValueError('gate_product must lie in (0, 1)')
         g = gate_product.sqrt()
-        bias = torch.log(g / (1 - g)).expand_as(self.conv_h.bias)
+        bias = torch.log(g / (1 - g)).to(self.conv_h.bias.device).expand_as(self.conv_h.bias)
         for conv in (self.conv_h, self.conv_w):
             conv.weight.zero_()
             conv.bias.copy_(bias)

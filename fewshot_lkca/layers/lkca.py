@@ -30,7 +30,7 @@ class LKCA(nn.Module):
         out_chs: Output channels (default: ``in_chs``).
         stride: Stride of the depthwise conv.
         dw_kernel_size: Depthwise kernel size (5: the large-kernel design; padding ``k // 2``).
-        attn_layer: Callable ``channels -> nn.Module`` for the attention on the output, or None for none.
+        attn_layer: Callable ``(channels, device=, dtype=) -> nn.Module`` for the attention on the output, or None.
         act_layer: Activation after the pointwise conv's BatchNorm.
         drop_path_rate: Stochastic depth on the residual branch.
 
@@ -46,18 +46,21 @@ class LKCA(nn.Module):
             out_chs: int | None = None,
             stride: int = 1,
             dw_kernel_size: int = 5,
-            attn_layer: Callable[[int], nn.Module] | None = CoordAttention,
+            attn_layer: Callable[..., nn.Module] | None = CoordAttention,
             act_layer: type[nn.Module] = nn.Hardswish,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         out_chs = out_chs or in_chs
         if stride not in (1, 2):
             raise ValueError(f'LKCA stride must be 1 or 2, got {stride}')
-        self.conv_dw = create_conv2d(in_chs, in_chs, dw_kernel_size, stride=stride, depthwise=True)
-        self.conv_pw = create_conv2d(in_chs, out_chs, 1)
-        self.bn1 = BatchNormAct2d(out_chs, act_layer=act_layer)
-        self.attn = attn_layer(out_chs) if attn_layer is not None else nn.Identity()
+        self.conv_dw = create_conv2d(in_chs, in_chs, dw_kernel_size, stride=stride, depthwise=True, **dd)
+        self.conv_pw = create_conv2d(in_chs, out_chs, 1, **dd)
+        self.bn1 = BatchNormAct2d(out_chs, act_layer=act_layer, **dd)
+        self.attn = attn_layer(out_chs, **dd) if attn_layer is not None else nn.Identity()
         self.has_skip = stride == 1 and in_chs == out_chs
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
@@ -82,8 +85,10 @@ class DepthwiseSeparable3x3(LKCA):
             stride: int = 1,
             act_layer: type[nn.Module] = nn.Hardswish,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
         super().__init__(
             in_chs, out_chs, stride=stride, dw_kernel_size=3, attn_layer=None,
-            act_layer=act_layer, drop_path_rate=drop_path_rate,
+            act_layer=act_layer, drop_path_rate=drop_path_rate, device=device, dtype=dtype,
         )

@@ -4,12 +4,17 @@ Paper: `SCConv: Spatial and Channel Reconstruction Convolution for Feature Redun
 (Li, Wen & He, CVPR 2023). Built from the paper's equations:
 
 SRU (spatial reconstruction unit)
-    ``W_gamma = gamma / sum(gamma)`` from the GroupNorm scales; ``W = sigmoid(GN(X) * W_gamma)``; the gate sets weights
-    >= 0.5 to 1 (informative, ``W1``) and the rest to 0 (``W2``); ``X1 = W1 * X``, ``X2 = W2 * X``; cross
-    reconstruction ``[X11 + X22, X21 + X12]`` (each split in channel halves).
-    The GroupNorm starts as the GroupNorm paper's does (gamma = 1, beta = 0), so at initialisation a position is
-    "informative" where it lies above its group's mean. The hard gate passes no gradient to gamma and beta
-    (as in the paper), so this initial choice is what the unit keeps.
+    ``W_gamma = gamma / sum(gamma)`` from the GroupNorm scales; ``W = sigmoid(GN(X) * W_gamma)``; the threshold
+    (0.5) selects the informative positions ``M = [W >= 0.5]``; ``X1 = W1 * X``, ``X2 = W2 * X`` with
+    ``W1 = M * W`` and ``W2 = (1 - M) * W``; cross reconstruction ``[X11 + X22, X21 + X12]`` (each split in
+    channel halves). The paper's text sets the selected weights to exactly 1 and 0. That gate is a step function
+    of gamma and beta: they would never receive a gradient and stay at their initialisation, dead parameters in
+    every optimiser and checkpoint. Here the threshold only selects and the sigmoid weights multiply, so gamma and
+    beta (and X, through the GroupNorm) train through the reweighted features, while the split into informative
+    and redundant parts is the paper's. (Keeping the hard gate and making gamma, beta buffers would also remove
+    the dead parameters, but would freeze the unit's notion of "informative" at GroupNorm's initialisation.)
+    The GroupNorm starts as the GroupNorm paper's does (gamma = 1, beta = 0): ``W_gamma = 1/C``, so at
+    initialisation a position is informative where it lies above its group's mean, and ``W`` is close to 0.5.
 CRU (channel reconstruction unit)
     Split channels ``alpha*C`` / ``(1-alpha)*C`` (alpha = 1/2), squeeze each by ``r`` (= 2) with 1x1 convs.
     Upper: ``Y1 = GWC(Xup) + PWC1(Xup)`` (group-wise k x k conv with ``g`` = 2 groups plus a 1x1 conv, both to C).
@@ -38,22 +43,32 @@ class SRU(nn.Module):
         channels: Channels (even: the reconstruction swaps halves).
         max_groups: GroupNorm groups (the paper's 16), reduced to the largest divisor of ``channels``.
         gate_threshold: Sigmoid threshold separating informative weights (the paper's 0.5).
+
+    The threshold selects and the sigmoid weights multiply (see the module docstring), so the GroupNorm's gamma and
+    beta receive gradients; with the paper's 0/1 weights they would not.
     """
 
-    def __init__(self, channels: int, max_groups: int = 16, gate_threshold: float = 0.5):
+    def __init__(
+            self,
+            channels: int,
+            max_groups: int = 16,
+            gate_threshold: float = 0.5,
+            device=None,
+            dtype=None,
+    ):
         super().__init__()
         if channels % 2:
             raise ValueError(f'SRU needs an even channel count, got {channels}')
-        self.gn = nn.GroupNorm(_group_count(channels, max_groups), channels)
+        self.gn = nn.GroupNorm(_group_count(channels, max_groups), channels, device=device, dtype=dtype)
         self.gate_threshold = gate_threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():  # the hard gate has no gradient anyway; don't keep GN activations for backward
-            w_gamma = (self.gn.weight / self.gn.weight.sum()).view(1, -1, 1, 1)
-            weights = torch.sigmoid(self.gn(x) * w_gamma)
-            informative = (weights >= self.gate_threshold).to(x.dtype)
-        x1 = informative * x
-        x2 = x - x1  # (1 - W1) * x: the non-informative part
+        w_gamma = (self.gn.weight / self.gn.weight.sum()).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
+        weights = torch.sigmoid(self.gn(x) * w_gamma)
+        w1 = (weights >= self.gate_threshold).to(weights.dtype) * weights  # selected by the threshold, kept soft
+        w2 = weights - w1
+        x1 = w1 * x
+        x2 = w2 * x
         x11, x12 = torch.chunk(x1, 2, dim=1)
         x21, x22 = torch.chunk(x2, 2, dim=1)
         return torch.cat([x11 + x22, x21 + x12], dim=1)
@@ -70,9 +85,18 @@ class CRU(nn.Module):
         kernel_size: Kernel of the group-wise conv.
     """
 
-    def __init__(self, channels: int, alpha: float = 0.5, squeeze_ratio: int = 2, groups: int = 2,
-                 kernel_size: int = 3):
+    def __init__(
+            self,
+            channels: int,
+            alpha: float = 0.5,
+            squeeze_ratio: int = 2,
+            groups: int = 2,
+            kernel_size: int = 3,
+            device=None,
+            dtype=None,
+    ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.up_chs = int(alpha * channels)
         low_chs = channels - self.up_chs
         up_sq, low_sq = self.up_chs // squeeze_ratio, low_chs // squeeze_ratio
@@ -80,11 +104,11 @@ class CRU(nn.Module):
             raise ValueError(
                 f'CRU cannot split {channels} channels with alpha={alpha}, r={squeeze_ratio}, g={groups}: '
                 f'the squeezed upper part ({up_sq}) and C must be divisible by g')
-        self.squeeze_up = nn.Conv2d(self.up_chs, up_sq, 1, bias=False)
-        self.squeeze_low = nn.Conv2d(low_chs, low_sq, 1, bias=False)
-        self.gwc = nn.Conv2d(up_sq, channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False)
-        self.pwc1 = nn.Conv2d(up_sq, channels, 1, bias=False)
-        self.pwc2 = nn.Conv2d(low_sq, channels - low_sq, 1, bias=False)
+        self.squeeze_up = nn.Conv2d(self.up_chs, up_sq, 1, bias=False, **dd)
+        self.squeeze_low = nn.Conv2d(low_chs, low_sq, 1, bias=False, **dd)
+        self.gwc = nn.Conv2d(up_sq, channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False, **dd)
+        self.pwc1 = nn.Conv2d(up_sq, channels, 1, bias=False, **dd)
+        self.pwc2 = nn.Conv2d(low_sq, channels - low_sq, 1, bias=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, low = torch.split(x, [self.up_chs, x.shape[1] - self.up_chs], dim=1)
@@ -107,13 +131,23 @@ class SCConv(nn.Module):
         torch.Size([2, 32, 14, 14])
     """
 
-    def __init__(self, channels: int, max_groups: int = 16, gate_threshold: float = 0.5, alpha: float = 0.5,
-                 squeeze_ratio: int = 2, groups: int = 2, kernel_size: int = 3):
+    def __init__(
+            self,
+            channels: int,
+            max_groups: int = 16,
+            gate_threshold: float = 0.5,
+            alpha: float = 0.5,
+            squeeze_ratio: int = 2,
+            groups: int = 2,
+            kernel_size: int = 3,
+            device=None,
+            dtype=None,
+    ):
         super().__init__()
-        self.sru = SRU(channels, max_groups=max_groups, gate_threshold=gate_threshold)
-        self.cru = CRU(channels, alpha=alpha, squeeze_ratio=squeeze_ratio, groups=groups, kernel_size=kernel_size)
+        dd = dict(device=device, dtype=dtype)
+        self.sru = SRU(channels, max_groups=max_groups, gate_threshold=gate_threshold, **dd)
+        self.cru = CRU(
+            channels, alpha=alpha, squeeze_ratio=squeeze_ratio, groups=groups, kernel_size=kernel_size, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cru(self.sru(x))
-
-

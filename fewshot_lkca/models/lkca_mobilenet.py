@@ -14,140 +14,86 @@ computes the same convolution, ImageNet MobileNetV3 weights transplant into this
 Ablation twins differ from `lkca_mobilenet` in one thing each: `_dw3` (3x3 depthwise and no attention: the
 design's own baseline), `_se` (MobileNetV3's SE instead of coordinate attention), `_cabn` (BatchNorm inside the
 attention), `_scconv` (SCConv in the attention slot).
-"""
-from dataclasses import dataclass
-from functools import partial
 
+The blocks and MobileNetV3's stage specs are in `fewshot_lkca.models.blocks`.
+"""
 import torch
 from timm.layers import (
     BatchNormAct2d,
-    ConvNormAct,
-    DropPath,
     SelectAdaptivePool2d,
     create_conv2d,
     get_act_layer,
+    get_device_dtype,
     make_divisible,
+    register_notrace_function,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..layers import ATTN_LAYERS, create_block_attn
+from ..layers import ATTN_LAYERS
+from .blocks import LARGE_HEAD, LARGE_STAGES, SMALL_HEAD, SMALL_STAGES, BlockSpec, LKCABlock, build_stages
 from .transplant import mobilenetv3_to_lkca
 
-__all__ = ['LKCAMobileNet', 'LKCABlock', 'BlockSpec', 'MIN_INPUT_SIZE']
+__all__ = ['LKCAMobileNet', 'MIN_INPUT_SIZE']
 
 # Five stride-2 stages: smaller inputs collapse to 1x1 before the last stage and the design stops making sense.
 MIN_INPUT_SIZE = 32
 
 
-@dataclass(frozen=True)
-class BlockSpec:
-    """One block of a stage: MobileNetV3's numbers, before width scaling."""
-    exp_ratio: float
-    out_chs: int
-    stride: int
-    act: str  # 'relu' or 'hard_swish'
-    attn: bool  # True where MobileNetV3 has squeeze-excitation
-    source_kernel: int  # MobileNetV3's depthwise kernel (the transplant zero-pads or crops it)
+@torch.fx.wrap  # torch.fx records a call instead of tracing into the shape checks (plain symbolic_trace) ...
+@register_notrace_function  # ... and so do timm's tracers (feature_cls='fx', timm's FX tests)
+def _check_input(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_SIZE) -> None:
+    """Refuse an input the network cannot take, with the reason, instead of a shape error deep inside a conv.
 
-
-def _stage(n: int, exp_ratio: float, out_chs: int, stride: int, act: str, attn: bool, kernel: int):
-    """``n`` blocks; only the first one strides."""
-    return tuple(BlockSpec(exp_ratio, out_chs, stride if i == 0 else 1, act, attn, kernel) for i in range(n))
-
-
-# MobileNetV3-Small (timm `mobilenetv3_small_100` arch_def), stages as tuples of blocks.
-SMALL_STAGES = (
-    _stage(1, 1.0, 16, 2, 'relu', True, 3),  # 112 px in
-    _stage(1, 4.5, 24, 2, 'relu', False, 3) + _stage(1, 3.67, 24, 1, 'relu', False, 3),  # 56 px in
-    _stage(1, 4.0, 40, 2, 'hard_swish', True, 5) + _stage(2, 6.0, 40, 1, 'hard_swish', True, 5),  # 28 px in
-    _stage(2, 3.0, 48, 1, 'hard_swish', True, 5),  # 14 px in
-    _stage(3, 6.0, 96, 2, 'hard_swish', True, 5),  # 14 px in
-)
-SMALL_HEAD = dict(last_chs=576, num_features=1024)
-
-# MobileNetV3-Large (timm `mobilenetv3_large_100` arch_def).
-LARGE_STAGES = (
-    _stage(1, 1.0, 16, 1, 'relu', False, 3),  # 112 px in
-    _stage(1, 4.0, 24, 2, 'relu', False, 3) + _stage(1, 3.0, 24, 1, 'relu', False, 3),
-    _stage(3, 3.0, 40, 2, 'relu', True, 5),
-    _stage(1, 6.0, 80, 2, 'hard_swish', False, 3) + _stage(1, 2.5, 80, 1, 'hard_swish', False, 3)
-    + _stage(2, 2.3, 80, 1, 'hard_swish', False, 3),
-    _stage(2, 6.0, 112, 1, 'hard_swish', True, 3),
-    _stage(3, 6.0, 160, 2, 'hard_swish', True, 5),
-)
-LARGE_HEAD = dict(last_chs=960, num_features=1280)
-
-
-class LKCABlock(nn.Module):
-    """Inverted residual with a large-kernel depthwise conv and a swappable attention slot.
-
-    With ``exp_ratio == 1`` the expansion is skipped (MobileNetV3's depthwise-separable first block).
-    The residual is always taken when ``stride == 1`` and ``in_chs == out_chs`` (no opt-out).
+    TorchScript compiles it where an FX graph of the model is scripted (``min_size`` is an argument for that: a
+    module-level int is not visible to TorchScript).
     """
-
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            stride: int = 1,
-            exp_ratio: float = 1.0,
-            dw_kernel_size: int = 5,
-            act_layer: type[nn.Module] = nn.Hardswish,
-            attn_layer: str | None = 'ca',
-            bn_eps: float = 1e-3,
-            drop_path_rate: float = 0.0,
-            pad_type: str = '',
-    ):
-        super().__init__()
-        mid_chs = make_divisible(in_chs * exp_ratio) if exp_ratio != 1.0 else in_chs
-        norm_act = partial(BatchNormAct2d, eps=bn_eps, act_layer=act_layer)
-        if exp_ratio != 1.0:
-            self.conv_pw = create_conv2d(in_chs, mid_chs, 1)
-            self.bn1 = norm_act(mid_chs)
-        else:
-            self.conv_pw = nn.Identity()
-            self.bn1 = nn.Identity()
-        self.conv_dw = create_conv2d(mid_chs, mid_chs, dw_kernel_size, stride=stride, depthwise=True,
-                                     padding=pad_type)
-        self.bn2 = norm_act(mid_chs)
-        self.attn = create_block_attn(attn_layer, mid_chs)
-        self.conv_pwl = create_conv2d(mid_chs, out_chs, 1)
-        self.bn3 = BatchNormAct2d(out_chs, eps=bn_eps, apply_act=False)  # linear bottleneck
-        self.has_skip = stride == 1 and in_chs == out_chs
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.bn1(self.conv_pw(x))
-        x = self.bn2(self.conv_dw(x))
-        x = self.attn(x)
-        x = self.bn3(self.conv_pwl(x))
-        if self.has_skip:
-            x = self.drop_path(x) + shortcut
-        return x
+    if x.ndim != 4:
+        raise ValueError(f'expected an image batch of shape (N, C, H, W), got a {x.ndim}-D tensor {list(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'model takes {in_chans}-channel images (in_chans={in_chans}), got {x.shape[1]} channels')
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(f'input {list(x.shape[-2:])} is too small to downsample 32x: '
+                         f'use at least {min_size}x{min_size} px')
 
 
-def _take_indices(num: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
-    """timm's convention: None -> all, int n -> last n, sequence -> those (negative from the end)."""
+def _take_indices(num: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+    """timm's convention: None -> all, int n -> last n, sequence -> those (negative from the end); and the largest.
+
+    timm's own `feature_take_indices` lives in a private module (``timm.models._features``), so it is not imported.
+    """
     if indices is None:
-        return list(range(num))
+        indices = num
     if isinstance(indices, int):
         if not 0 < indices <= num:
             raise ValueError(f'last-n indices must be in 1..{num}, got {indices}')
-        return list(range(num - indices, num))
-    out = [i + num if i < 0 else i for i in indices]
-    if any(not 0 <= i < num for i in out):
-        raise ValueError(f'feature indices {list(indices)} out of range for {num} features')
-    return out
+        take = list(range(num - indices, num))
+    else:
+        take = [i + num if i < 0 else i for i in indices]
+        if any(not 0 <= i < num for i in take):
+            raise ValueError(f'feature indices {list(indices)} out of range for {num} features')
+    return take, max(take)
+
+
+def _checkpoint_stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run a stage block by block, recomputing each block's activations in backward instead of storing them.
+
+    A block with nothing to differentiate (frozen, with an input that needs no gradient) runs normally:
+    checkpointing it would only add recomputation.
+    """
+    if not torch.is_grad_enabled():
+        return stage(x)
+    for block in stage:
+        needs_grad = x.requires_grad or any(p.requires_grad for p in block.parameters())
+        x = checkpoint(block, x) if needs_grad else block(x)
+    return x
 
 
 class LKCAMobileNet(nn.Module):
     """MobileNetV3-layout network of `LKCABlock`s with timm's model contract.
 
     Args:
-        stages: Tuple of stages, each a tuple of `BlockSpec` (see `SMALL_STAGES`).
+        stages: Tuple of stages, each a tuple of `BlockSpec` (see `fewshot_lkca.models.blocks.SMALL_STAGES`).
         last_chs: Channels of the final 1x1 conv before pooling (MobileNetV3: 576 small, 960 large).
         num_features: Width of the post-pool head conv (the pre-logits feature size).
         num_classes: Classifier outputs (0 for none).
@@ -164,6 +110,8 @@ class LKCAMobileNet(nn.Module):
             (TensorFlow's asymmetric padding, which the `tf_` source weights were trained with).
         zero_init_last: Start the last BN of every residual block at zero scale, so each block starts as the
             identity (as timm's ResNets do). From scratch on the look-alike base classes this learnt 2.3x faster.
+        device: Where the parameters and buffers are created (timm's factory argument; e.g. 'meta').
+        dtype: Their dtype.
     """
 
     def __init__(
@@ -183,6 +131,8 @@ class LKCAMobileNet(nn.Module):
             global_pool: str = 'avg',
             pad_type: str = '',
             zero_init_last: bool = True,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if not isinstance(in_chans, int) or in_chans < 1:
@@ -191,56 +141,35 @@ class LKCAMobileNet(nn.Module):
             raise ValueError(f"attn_layer must be one of {sorted(ATTN_LAYERS)} or None, got '{attn_layer}'")
         if dw_kernel_size % 2 == 0 or dw_kernel_size < 1:
             raise ValueError(f'dw_kernel_size must be a positive odd number, got {dw_kernel_size}')
+        if pad_type not in ('', 'same'):
+            raise ValueError(f"pad_type must be '' or 'same', got '{pad_type}'")
+        dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         hard_swish = get_act_layer('hard_swish')
-        acts = {'relu': nn.ReLU, 'hard_swish': hard_swish}
 
-        def scale(c: int) -> int:
-            return make_divisible(c * width)
-
-        stem_chs = stem_chs if width < 0.75 else scale(stem_chs)
-        if pad_type not in ('', 'same'):
-            raise ValueError(f"pad_type must be '' or 'same', got '{pad_type}'")
-        self.conv_stem = create_conv2d(in_chans, stem_chs, 3, stride=2, padding=pad_type)
-        self.bn1 = BatchNormAct2d(stem_chs, eps=bn_eps, act_layer=hard_swish)
-        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='bn1')]
-
-        num_blocks = sum(len(s) for s in stages)
-        dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
-        in_chs, reduction, block_idx = stem_chs, 2, 0
-        stage_modules = []
-        for stage_idx, stage in enumerate(stages):
-            blocks = []
-            for spec in stage:
-                out_chs = scale(spec.out_chs)
-                blocks.append(LKCABlock(
-                    in_chs, out_chs, stride=spec.stride, exp_ratio=spec.exp_ratio, dw_kernel_size=dw_kernel_size,
-                    act_layer=acts[spec.act], attn_layer=attn_layer if spec.attn else None, bn_eps=bn_eps,
-                    drop_path_rate=dpr[block_idx], pad_type=pad_type))
-                in_chs, reduction, block_idx = out_chs, reduction * spec.stride, block_idx + 1
-            stage_modules.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'blocks.{stage_idx}'))
-        last_chs = scale(last_chs)
-        stage_modules.append(nn.Sequential(ConvNormAct(
-            in_chs, last_chs, 1, norm_layer=nn.BatchNorm2d, norm_kwargs=dict(eps=bn_eps), act_layer=hard_swish)))
-        self.feature_info.append(dict(num_chs=last_chs, reduction=reduction, module=f'blocks.{len(stages)}'))
-        self.blocks = nn.Sequential(*stage_modules)
-        # timm reports one feature per reduction level: keep the last module of each.
-        info = self.feature_info
+        stem_chs = stem_chs if width < 0.75 else make_divisible(stem_chs * width)
+        self.conv_stem = create_conv2d(in_chans, stem_chs, 3, stride=2, padding=pad_type, **dd)
+        self.bn1 = BatchNormAct2d(stem_chs, eps=bn_eps, act_layer=hard_swish, **dd)
+        self.blocks, stage_info = build_stages(
+            stages, stem_chs, last_chs, width=width, dw_kernel_size=dw_kernel_size, attn_layer=attn_layer,
+            bn_eps=bn_eps, drop_path_rate=drop_path_rate, pad_type=pad_type, **dd)
+        # timm reports one feature per reduction level: the stem, then the last stage of each.
+        info = [dict(num_chs=stem_chs, reduction=2, module='bn1')] + stage_info
         self.feature_info = [f for i, f in enumerate(info)
                              if i + 1 == len(info) or info[i + 1]['reduction'] != f['reduction']]
+        self.stage_ends = [info.index(f) for f in self.feature_info]  # positions in (stem, *blocks)
 
         # MobileNetV3's efficient head: pool first, then a 1x1 conv with bias and no norm.
-        self.num_features = last_chs
+        self.num_features = stage_info[-1]['num_chs']
         self.head_hidden_size = num_features
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
-        self.conv_head = create_conv2d(last_chs, num_features, 1, bias=True)
+        self.conv_head = create_conv2d(self.num_features, num_features, 1, bias=True, **dd)
         self.act2 = hard_swish()
         self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
-        self.classifier = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = nn.Linear(num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool) -> None:
@@ -277,42 +206,24 @@ class LKCAMobileNet(nn.Module):
         return self.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        dd = get_device_dtype(self)  # new layers go where the model is, in its dtype
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
             self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
-        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
-    @torch.jit.unused
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f'expected an image batch of shape (N, C, H, W), got a {x.ndim}-D tensor {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'model takes {self.in_chans}-channel images (in_chans={self.in_chans}), '
-                             f'got {x.shape[1]} channels')
-        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
-            raise ValueError(f'input {tuple(x.shape[-2:])} is too small to downsample 32x: '
-                             f'use at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px')
-
-    @torch.jit.ignore
-    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return stage(x)
-        for block in stage:
-            needs_grad = x.requires_grad or any(p.requires_grad for p in block.parameters())
-            x = checkpoint(block, x, use_reentrant=False) if needs_grad else block(x)
-        return x
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        for m in (self.global_pool, self.flatten, self.classifier):
+            m.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            self._check_input(x)
+            _check_input(x, self.in_chans)
         x = self.bn1(self.conv_stem(x))
         # Stage by stage, rebinding x: `self.blocks(x)` would keep the 112 px stem output alive to the end.
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for stage in self.blocks:
-                x = self._run_stage(stage, x)
-        else:
-            for stage in self.blocks:
+        for stage in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = _checkpoint_stage(stage, x)
+            else:
                 x = stage(x)
         return x
 
@@ -325,24 +236,32 @@ class LKCAMobileNet(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Features at the `feature_info` levels (stem, then the last block of each reduction), timm-style."""
+        """Features at the `feature_info` levels (the stem, then the last stage of each reduction), timm-style.
+
+        Args:
+            x: Image batch (N, C, H, W).
+            indices: Levels to take: None for all, an int n for the last n, or a sequence (negative from the end).
+            norm: Accepted for timm's signature; there is no final norm to apply.
+            stop_early: With ``intermediates_only``, run no stage past the deepest level taken.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the list of features.
+        """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got '{output_fmt}'")
-        take = _take_indices(len(self.feature_info), indices)
-        wanted = {self.feature_info[i]['module'] for i in take}
-        last_wanted = self.feature_info[max(take)]['module']
+        take_indices, max_index = _take_indices(len(self.stage_ends), indices)
+        take_ends = [self.stage_ends[i] for i in take_indices]
         intermediates = []
         x = self.bn1(self.conv_stem(x))
-        if 'bn1' in wanted:
+        if 0 in take_ends:
             intermediates.append(x)
-        for stage_idx, stage in enumerate(self.blocks):
-            if stop_early and intermediates_only and len(intermediates) == len(take):
-                break
-            x = self._run_stage(stage, x)
-            if f'blocks.{stage_idx}' in wanted:
+        stages = self.blocks[:self.stage_ends[max_index]] if stop_early and intermediates_only else self.blocks
+        for stage_end, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = _checkpoint_stage(stage, x)
+            else:
+                x = stage(x)
+            if stage_end in take_ends:
                 intermediates.append(x)
-            if stop_early and intermediates_only and f'blocks.{stage_idx}' == last_wanted:
-                break
         if intermediates_only:
             return intermediates
         return x, intermediates
