@@ -3,7 +3,10 @@ images) -> ``to_edge_transform_and_lower`` with the `XnnpackPartitioner` -> ``.p
 
 Nodes the partitioner does not take run in ExecuTorch's portable kernels; the report lists them by op type.
 """
+import contextlib
 import logging
+import os
+import sys
 import time
 from collections import Counter
 from functools import lru_cache
@@ -32,6 +35,24 @@ from .device import (
 __all__ = ['export_executorch', 'run_executorch']
 
 log = logging.getLogger(__name__)
+# torchao (imported by executorch) registers an Enum with torch's pytree, which logs a deprecation warning for it on
+# every import: nothing the user can act on.
+logging.getLogger('torch.utils._pytree').addFilter(lambda record: 'is an Enum subclass' not in str(record.msg))
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """ExecuTorch's runtime probes the CPU in C++ and prints what it cannot read (cpuinfo_utils.cpp) to file
+    descriptor 2; failures still surface as Python exceptions, so the C-level stderr is muted while it loads."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, 'w') as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _op_name(target) -> str:
@@ -159,7 +180,8 @@ def _load_executorch(path: str, version: tuple[int, int]):
     from executorch.runtime import Runtime
 
     try:
-        method = Runtime.get().load_program(Path(path)).load_method('forward')
+        with _native_stderr_silenced():
+            method = Runtime.get().load_program(Path(path)).load_method('forward')
     except Exception as e:  # the runtime raises RuntimeError or ValueError for a damaged or foreign file
         raise RuntimeExportError(f'cannot load ExecuTorch program {path}: {first_line(e)}') from e
     meta = method.metadata.input_tensor_meta(0)

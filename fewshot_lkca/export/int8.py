@@ -267,7 +267,7 @@ class _DropAdvice(logging.Filter):
     Measured (2026-11): its pre-processing splits Hardswish into HardSigmoid + Mul and doubled the int8 time."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith('Please consider to run pre-processing')
+        return 'pre-processing before quantization' not in str(record.msg)
 
 
 @contextlib.contextmanager
