@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         set_threads(args.threads)
         with quiet_console():
             evaluate_command(_config(args), progress=not args.no_progress)
-    except (ConfigError, CheckpointError, BackboneError, DataError, ValueError) as e:
+    except (ConfigError, CheckpointError, BackboneError, DataError) as e:
         raise SystemExit(f'error: {e}') from None
 
 

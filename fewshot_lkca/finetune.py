@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         set_threads(args.threads)
         with quiet_console():
             finetune_command(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConfigError, RunError, CheckpointError, BackboneError, DataError, ValueError) as e:
+    except (ConfigError, RunError, CheckpointError, BackboneError, DataError) as e:
         raise SystemExit(f'error: {e}') from None
 
 

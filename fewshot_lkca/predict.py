@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ConfigError
 from .errors import DataError
 from .images import MAX_PIXELS, load_image
 from .metadata import MetadataError, decode_metadata
@@ -247,7 +248,7 @@ def predict_command(model: Path, images: list[Path], top_k: int = 5, as_json: bo
         raise PredictError(f'--top-k must be >= 1, got {top_k}')
     try:
         check_threads(threads)
-    except ValueError as e:
+    except ConfigError as e:
         raise PredictError(str(e)) from None
     clf = OnnxClassifier(model, threads=threads)
     results = clf.classify(images, top_k=top_k)

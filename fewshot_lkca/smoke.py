@@ -8,8 +8,10 @@ import time
 
 import torch
 
+from .config import ConfigError
 from .freezing import freeze_groups
 from .models import create_backbone
+from .threads import add_threads_argument, set_threads
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -21,6 +23,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--freeze-stages', type=int, default=2, help='stages frozen after the stem')
     parser.add_argument('--seed', type=int, default=0)
+    add_threads_argument(parser)
     return parser
 
 
@@ -55,7 +58,12 @@ def smoke_command(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    smoke_command(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    try:
+        set_threads(args.threads)
+    except ConfigError as e:
+        raise SystemExit(f'error: {e}') from None
+    smoke_command(args)
 
 
 if __name__ == '__main__':

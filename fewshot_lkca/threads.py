@@ -9,6 +9,8 @@
 import os
 import sys
 
+from .config import ConfigError
+
 __all__ = ['WAIT_POLICY', 'prefer_passive_wait', 'usable_cpus', 'check_threads', 'set_threads', 'add_threads_argument']
 
 WAIT_POLICY = 'PASSIVE'
@@ -29,10 +31,10 @@ def usable_cpus() -> int:
 
 
 def check_threads(threads: int, option: str = '--threads') -> int:
-    """``threads`` if it is 0 (library default) or between 1 and `usable_cpus`, else a one-line ValueError."""
+    """``threads`` if it is 0 (library default) or between 1 and `usable_cpus`, else a one-line `ConfigError`."""
     cpus = usable_cpus()
     if not isinstance(threads, int) or threads < 0 or threads > cpus:
-        raise ValueError(f'{option} must be 0 (automatic) or 1..{cpus} (the CPUs this process may use), got {threads}')
+        raise ConfigError(f'{option} must be 0 (automatic) or 1..{cpus} (the CPUs this process may use), got {threads}')
     return threads
 
 

@@ -37,6 +37,6 @@ def main(argv: list[str] | None = None) -> None:
         set_threads(args.threads)
         with quiet_console():
             export_run(args.run_dir, args.formats)
-    except (ExportError, CheckpointError, ConfigError, DataError, BackboneError, QuantizationError, ValueError) as e:
+    except (ExportError, CheckpointError, ConfigError, DataError, BackboneError, QuantizationError) as e:
         raise SystemExit(f'error: {e}') from None
 

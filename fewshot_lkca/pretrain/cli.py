@@ -7,9 +7,11 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, parse_cli, resolve_config
+from ..console import quiet_console
 from ..errors import DataError
 from ..models.factory import BackboneError
 from ..rundir import RunError
+from ..threads import add_threads_argument, set_threads
 from .config import PretrainConfig
 from .loop import pretrain_command
 
@@ -32,6 +34,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument('--resume', type=Path, metavar='RUN_DIR', help='continue a run that was interrupted')
     parser.add_argument('--overwrite', action='store_true', help='replace a finished run in --out')
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    add_threads_argument(parser)
     return parser
 
 
@@ -50,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
             cfg = PretrainConfig()  # replaced by the run's saved config
         else:
             cfg = resolve_config(args.recipe, overrides, config_cls=PretrainConfig)
-        pretrain_command(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        set_threads(args.threads)
+        with quiet_console():
+            pretrain_command(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (ConfigError, RunError, CheckpointError, BackboneError, DataError) as e:
         if int(os.environ.get('RANK', 0)) != 0:  # under torchrun every rank fails alike: rank 0 says why
             raise SystemExit(1) from None
