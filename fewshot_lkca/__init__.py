@@ -8,9 +8,6 @@ Importing the package registers the `lkca_mobilenet` family with timm::
 The import itself stays free of torch, so that the onnxruntime-only predictor (`fewshot_lkca.predict`) runs where
 torch is absent or too slow to load: the models are registered as soon as timm is imported (or at once, when it
 already is), and `create_backbone` / `list_backbones` load them on first use.
-
-Importing the package also asks OpenMP to let idle threads sleep (`fewshot_lkca.threads.prefer_passive_wait`), when
-torch is not loaded yet and the environment has not chosen: on a busy machine spinning threads slow training 10x.
 """
 import importlib
 import importlib.abc
@@ -21,10 +18,6 @@ __version__ = '0.1.0'
 __all__ = ['create_backbone', 'list_backbones', '__version__']
 
 _MODELS = f'{__name__}.models'
-
-from .threads import prefer_passive_wait  # noqa: E402  (torch-free; before anything can load torch)
-
-prefer_passive_wait()
 
 
 def _register_models(layers_ready: bool = False) -> None:

@@ -1,25 +1,20 @@
-"""How many threads a command uses, and how idle threads wait: decided here, the same for every command.
+"""How many CPU threads a command uses: decided here, the same for every command (``--threads N``).
 
-* Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), set by ``import fewshot_lkca``
-  before torch loads, unless the environment already chose: on a busy machine (other processes on the cores)
-  spinning threads compete with the work, and a training step measured 10-20x slower. See `prefer_passive_wait`.
-* ``--threads N`` on every command: torch's intra-op threads (and onnxruntime's, for the ONNX runtimes), checked
-  against the CPUs this process may use. 0 (the default) keeps the library's own choice.
+The default is one thread. Measured with ``python -m benchmarks.threads`` (2026-12-03, 2-CPU Intel Xeon with AVX-512
+VNNI and AMX; benchmarks/results/threads.json): a memory-lean fine-tuning step (lean_5shot, 96 px, batch 2) took
+24 ms at 1 thread and 31 ms at 2 on an idle machine; beside 1 busy process, 24 ms at 1 thread and 48-71 ms at 2;
+beside 2, 30-44 ms at 1 thread and 67-122 ms at 2. One thread was the fastest choice in every condition, and the
+OpenMP wait policy made no difference at 1 thread (at 2 threads a passive wait cost 3x on the idle machine, so it is
+not set). Base pretraining (batch 64) measured 0.39 s per step at 1 thread with a rendering worker, 0.43 s at 2.
+``--threads 0`` leaves torch's (and onnxruntime's) own choice, e.g. for a machine with many cores.
 """
 import os
-import sys
 
 from .config import ConfigError
 
-__all__ = ['WAIT_POLICY', 'prefer_passive_wait', 'usable_cpus', 'check_threads', 'set_threads', 'add_threads_argument']
+__all__ = ['DEFAULT_THREADS', 'usable_cpus', 'check_threads', 'set_threads', 'add_threads_argument']
 
-WAIT_POLICY = 'PASSIVE'
-
-
-def prefer_passive_wait() -> None:
-    """Ask OpenMP (torch's CPU thread pool) to let idle threads sleep; only effective before torch is imported."""
-    if 'torch' not in sys.modules:
-        os.environ.setdefault('OMP_WAIT_POLICY', WAIT_POLICY)
+DEFAULT_THREADS = 1
 
 
 def usable_cpus() -> int:
@@ -31,10 +26,11 @@ def usable_cpus() -> int:
 
 
 def check_threads(threads: int, option: str = '--threads') -> int:
-    """``threads`` if it is 0 (library default) or between 1 and `usable_cpus`, else a one-line `ConfigError`."""
+    """``threads`` if it is 0 (the library's choice) or between 1 and `usable_cpus`, else a one-line `ConfigError`."""
     cpus = usable_cpus()
-    if not isinstance(threads, int) or threads < 0 or threads > cpus:
-        raise ConfigError(f'{option} must be 0 (automatic) or 1..{cpus} (the CPUs this process may use), got {threads}')
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0 or threads > cpus:
+        raise ConfigError(f'{option} must be 0 (the library decides) or 1..{cpus} (the CPUs this process may use), '
+                          f'got {threads}')
     return threads
 
 
@@ -47,5 +43,6 @@ def set_threads(threads: int) -> None:
 
 
 def add_threads_argument(parser) -> None:
-    parser.add_argument('--threads', type=int, default=0, metavar='N',
-                        help=f'CPU threads (default 0: the library decides; this machine allows 1..{usable_cpus()})')
+    parser.add_argument('--threads', type=int, default=DEFAULT_THREADS, metavar='N',
+                        help=f'CPU threads (default {DEFAULT_THREADS}: fastest measured, also beside other busy '
+                             f'processes; 0: the library decides; this machine allows up to {usable_cpus()})')
