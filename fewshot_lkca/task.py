@@ -43,12 +43,12 @@ def data_card(data: str) -> dict | None:
     return None if is_folder(data) else get_card(data)
 
 
-def dataset_options(data: str, image_size: int = 0, images_per_class: int = 0) -> dict:
-    """Reader options for a job: the look-alike set is rendered once (cached) at the asked size and count."""
+def dataset_options(data: str, image_size: int = 0, images_per_class: int = 0, cache: bool = True) -> dict:
+    """Reader options for a job: the look-alike set is rendered at the asked size and count, once (``cache``)."""
     card = data_card(data)
     if card is None or card['reader'] != 'lookalike':
         return {}
-    options = dict(cache=True)  # render once; the support set is read every step
+    options = dict(cache=cache)  # render once: the support set is read every step
     if image_size:
         options['image_size'] = image_size
     if images_per_class:

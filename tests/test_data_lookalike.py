@@ -16,12 +16,30 @@ def test_splits_are_disjoint_and_large_enough():
     assert base | val | novel == set(lookalike_classes())
 
 
-def test_every_novel_class_has_a_one_part_look_alike_in_novel():
-    novel = lookalike_classes("novel")
-    for name in novel:
+def _differing_bit(a: str, b: str) -> int | None:
+    """Which design bit two variants differ in, if exactly one."""
+    diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    return diff[0] if len(diff) == 1 else None
+
+
+@pytest.mark.parametrize("split", ["novel", "val"])
+def test_every_class_has_a_one_part_look_alike_in_its_split(split):
+    classes = lookalike_classes(split)
+    for name in classes:
         family, bits = name.split("-")
-        siblings = [n for n in novel if n != name and n.split("-")[0] == family]
-        assert any(sum(a != b for a, b in zip(bits, s.split("-")[1], strict=True)) == 1 for s in siblings), name
+        siblings = [n for n in classes if n != name and n.split("-")[0] == family]
+        assert any(_differing_bit(bits, s.split("-")[1]) is not None for s in siblings), name
+
+
+def test_val_pairs_differ_where_the_novel_pairs_do():
+    # Selection on val has to see the kind of difference novel tests: same families, same design choice.
+    def pairs(split):
+        by_family = {}
+        for name in lookalike_classes(split):
+            family, bits = name.split("-")
+            by_family.setdefault(family, []).append(bits)
+        return {f: _differing_bit(*v) for f, v in by_family.items()}
+    assert pairs("val") == pairs("novel")
 
 
 def test_novel_families_also_appear_in_base():

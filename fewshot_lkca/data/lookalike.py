@@ -12,7 +12,8 @@ looked up in a sampled width profile) at 2x supersampling, a few ms per image; t
 index) always gives the same image.
 
 Splits (64 classes): `novel` has 10 classes, two variants of each of five families that differ in one
-design choice; `val` has one variant of every family (8); `base` has the remaining 46.
+design choice; `val` has 10 classes built the same way from other variants of the same five families (so val tasks
+hold look-alike pairs, as novel tasks do); `base` has the remaining 44, every family among them.
 """
 
 from __future__ import annotations
@@ -59,15 +60,22 @@ _NOVEL = {
     "screwdriver": ("110", "100"),
     "pen": ("101", "111"),
 }
-_VAL = {"baton": "010", "flashlight": "101", "knife": "100", "screwdriver": "001", "pen": "010",
-        "tube": "110", "chisel": "011", "syringe": "101"}  # fmt: skip
+# Val holds look-alike pairs as novel does (model selection must see what the test measures): in each of the same
+# five families, two variants that differ in the same design choice as that family's novel pair.
+_VAL = {
+    "baton": ("010", "011"),
+    "flashlight": ("100", "101"),
+    "knife": ("100", "110"),
+    "screwdriver": ("001", "011"),
+    "pen": ("010", "000"),
+}
 ALL_CLASSES = tuple(f"{family}-{v:03b}" for family in FAMILIES for v in range(8))
 
 
 def lookalike_classes(split: str | None = None) -> list[str]:
     """Class names (`<family>-<abc>`, the three design bits) of a split ("base", "val", "novel") or all."""
     novel = [f"{f}-{v}" for f, pair in _NOVEL.items() for v in pair]
-    val = [f"{f}-{v}" for f, v in _VAL.items()]
+    val = [f"{f}-{v}" for f, pair in _VAL.items() for v in pair]
     if split is None:
         return list(ALL_CLASSES)
     if split == "novel":
@@ -234,7 +242,7 @@ class LookalikeDataset(ImageDataset):
     """The look-alike set: `images_per_class` rendered instances of each class of a split.
 
     Args:
-        split: "base" (46 classes), "val" (8) or "novel" (10).
+        split: "base" (44 classes), "val" (10) or "novel" (10).
         images_per_class: Instances per class; 60 leaves room for 20-shot episodes with 40 queries.
         image_size: Side of the square images in pixels.
         seed: Data seed: changes every instance, never the classes.

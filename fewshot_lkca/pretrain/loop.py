@@ -25,6 +25,9 @@ __all__ = ['pretrain_command']
 
 _logger = logging.getLogger(__name__)
 
+# fresh_renders: instances per class to draw from; more than a run reads (70k steps x 64 images / 44 classes)
+FRESH_RENDERS_PER_CLASS = 100_000
+
 
 class _Net(nn.Module):
     """One forward per micro-batch (as DDP needs): logits of the first ``n_sup`` images, pre-logits of the rest."""
@@ -135,8 +138,12 @@ def _load_data(cfg: PretrainConfig, dist: Dist) -> _Data:
     from ..data import EpisodeSampler, get_dataset, usable_classes
 
     options = dataset_options(cfg.data, cfg.image_size, cfg.images_per_class)
+    if cfg.fresh_renders:
+        options = dict(options, images_per_class=FRESH_RENDERS_PER_CLASS, cache=False)
     base = get_dataset(cfg.data, split=cfg.split, **options, **_rotation_options(cfg))
-    val = get_dataset(cfg.data, split=cfg.val_split, **options) if cfg.val_split else None
+    # val: the card's own images (the same ones whatever the training data), rendered once
+    val = get_dataset(cfg.data, split=cfg.val_split, **dataset_options(cfg.data, cfg.image_size)) if cfg.val_split \
+        else None
     if val is not None:
         usable_classes(val.targets, cfg.val_n_way, cfg.val_k_shot, cfg.val_n_query, val.classes, drop_small=True,
                        warn=False, where=f"'{cfg.data}' ({cfg.val_split})",
