@@ -40,5 +40,5 @@ def test_prototype_episodes_refuse_too_few_samples():
     feats, labels = _clusters(1.0, n_classes=4, per_class=5)
     with pytest.raises(ValueError, match='needs 5 classes'):
         prototype_episode_accuracies(feats, labels, 5, 1, 1, episodes=1)
-    with pytest.raises(ValueError, match='with k_shot \+ n_query = 5 \+ 5 = 10 images each; only 0 of 4'):
+    with pytest.raises(ValueError, match=r'with k_shot \+ n_query = 5 \+ 5 = 10 images each; only 0 of 4'):
         prototype_episode_accuracies(feats, labels, 2, 5, 5, episodes=1)
