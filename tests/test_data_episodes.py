@@ -84,7 +84,7 @@ def test_small_class_error_names_class_and_counts():
     with pytest.raises(
         DataError,
         match=r"^1 of 4 classes have fewer than k_shot \+ n_query = 5 \+ 5 = 10 images: "
-        r"'class2' has 3; lower k_shot/n_query",
+        r"'class2' has 3; lower --ways, --shots or --queries, or add images",
     ):
         EpisodeSampler(dataset, n_way=2, k_shot=5, n_query=5)
 
