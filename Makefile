@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test demo env lint bench clean-env
+.PHONY: test demo env lint bench weights clean-env
 
 env: $(INSTALLED)
 
@@ -33,6 +33,11 @@ test: $(INSTALLED) $(VENV)/timm-tests/.fetched
 
 demo: $(INSTALLED)
 	$(PY) -m fewshot_lkca.finetune --overwrite
+
+# The shipped starting point, from random initialisation (about 45 minutes on 2 CPU cores; see its model card).
+weights: $(INSTALLED)
+	$(PY) -m fewshot_lkca.pretrain --recipe pretrain_lookalike --out runs/shipped-lookalike --overwrite --no-progress
+	$(PY) -m fewshot_lkca.weights.ship runs/shipped-lookalike
 
 # Benchmarks print Markdown tables for the README (minutes each; see README "Evidence").
 bench: $(INSTALLED)

@@ -43,7 +43,9 @@ class FinetuneConfig:
 
     # --- the starting point ---
     model: str = 'lkca_mobilenet'
-    weights: str = 'base'  # 'base' (pretrained on the data's base classes, cached), 'imagenet', 'random', or a path
+    # 'auto' (the shipped checkpoint / base pretraining for a data set, ImageNet or the shipped one for photos: see
+    # fewshot_lkca.starting_point), 'base' (pretrained on the data's base classes, cached), 'imagenet', 'random', a path
+    weights: str = 'auto'
     base_steps: int = 600  # supervised steps of the cached base pretraining: ~3 min on 2 CPU cores (96 px)
     base_batch_size: int = 64
     base_lr: float = 2e-3  # AdamW
@@ -54,14 +56,23 @@ class FinetuneConfig:
     # --- what is trained ---
     method: str = 'finetune'  # 'finetune', 'linear_probe' (head only) or 'protonet' (no training)
     frozen_groups: int = 4  # leading timm group_matcher groups kept frozen: stem + stages 0-2 (generic features)
+    # of the groups past frozen_groups: 'all' parameters, or 'bias_norm' (biases and norm scales/shifts: TinyTL,
+    # Cai et al. 2020; a few thousand parameters, and no weight gradients to store)
+    train_params: str = 'all'
     freeze_bn_stats: bool = True  # batch statistics of 2-4 images are noise: keep the pretrained running stats
     grad_checkpointing: bool = True  # recompute trainable blocks' activations in backward: less memory
     head_init: str = 'prototypes'  # cosine head starts as the nearest-prototype classifier of the support set
     head_scale: float = 10.0  # cosine-logit temperature (learnable); 10 gives confident but trainable softmax
+    # keep what training made only when leave-one-out on the support set does not say it is worse than the prototype
+    # head it started from (fewshot_lkca.probe); 1-shot tasks cannot be checked and keep the prototypes
+    guard: bool = True
 
     # --- optimisation ---
     steps: int = 200  # optimizer steps; 5-way 5-shot = 25 images, so 200 steps at batch 2 = 16 passes
     batch_size: int = 2  # memory-lean: activations scale with batch (batch 2: 62x less than full fine-tuning)
+    # each step sees the whole support set in micro-batches of batch_size, gradients accumulated (memory: one
+    # micro-batch); false: one random micro-batch per step
+    accumulate: bool = False
     optimizer: str = 'sgd'  # 'sgd' or 'adamw'
     lr: float = 0.001  # trunk; 0.01 collapsed to one class from the base-pretrained start (two look-alike tasks)
     head_lr_scale: float = 10.0  # the new head moves faster than the pretrained trunk
@@ -97,7 +108,7 @@ class FinetuneConfig:
         if self.n_query < 1:
             raise ConfigError(f'n_query must be >= 1 to evaluate, got {self.n_query}')
         choices = dict(method=('finetune', 'linear_probe', 'protonet'), optimizer=('sgd', 'adamw'),
-                       head_init=('prototypes', 'random'))
+                       head_init=('prototypes', 'random'), train_params=('all', 'bias_norm'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got '{getattr(self, name)}'")

@@ -57,12 +57,16 @@ _logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ the model
 def set_trainable(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
-    """The recipe's trainable parameters: the head always; the trunk past ``frozen_groups`` when fine-tuning."""
+    """The recipe's trainable parameters: the head always; the trunk past ``frozen_groups`` when fine-tuning (only
+    its biases and norm scales and shifts with ``train_params='bias_norm'``, as TinyTL)."""
     backbone = model.backbone
     if cfg.method != 'finetune':
         backbone.requires_grad_(False)
     else:
         freeze_groups(backbone, cfg.frozen_groups)
+        if cfg.train_params == 'bias_norm':
+            for p in backbone.parameters():
+                p.requires_grad_(p.requires_grad and p.ndim == 1)
     if cfg.grad_checkpointing and hasattr(backbone, 'set_grad_checkpointing'):
         backbone.set_grad_checkpointing(True)
 
@@ -86,14 +90,20 @@ def build_classifier(backbone: nn.Module, support_x: torch.Tensor, support_y: to
 
 def train_step(model: FewShotClassifier, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                cfg: FinetuneConfig) -> tuple[float, float]:
-    """One optimizer step on a batch; returns (loss, batch accuracy)."""
+    """One optimizer step on ``images``, in micro-batches of ``batch_size`` whose gradients add up (so memory is that
+    of one micro-batch); returns (loss, accuracy) over all of them."""
     train_mode(model, cfg)
-    logits = model(images)
-    loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total, right = 0.0, 0
+    for start in range(0, len(images), cfg.batch_size):
+        x, y = images[start:start + cfg.batch_size], labels[start:start + cfg.batch_size]
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        (loss * len(y) / len(images)).backward()
+        total += loss.item() * len(y)
+        right += int((logits.argmax(1) == y).sum())
     opt.step()
-    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+    return total / len(images), right / len(images)
 
 
 def _load_images(task: Task, indices: list[int], transform) -> torch.Tensor:
@@ -145,7 +155,8 @@ def _train(model: FewShotClassifier, opt, task: Task, cfg: FinetuneConfig, run: 
             torch.manual_seed(derive_seed(cfg.seed, step))
             if hasattr(train_tf, 'set_random_seed'):
                 train_tf.set_random_seed(derive_seed(cfg.seed, step))
-            batch = torch.randperm(len(task.support_idx), generator=g)[:cfg.batch_size]
+            # accumulate: every support image each step, in micro-batches; else one random micro-batch per step
+            batch = torch.randperm(len(task.support_idx), generator=g)[:None if cfg.accumulate else cfg.batch_size]
             images = (_load_images(task, [task.support_idx[i] for i in batch], train_tf) if cfg.augment
                       else support_x[batch])
             scheduler.step_update(step)
@@ -188,6 +199,11 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
                 weights=origin, data=cfg.data)
 
     steps = cfg.steps if cfg.method != 'protonet' else 0
+    if cfg.method == 'linear_probe':  # a frozen backbone: the head trains on the support set's features, cached
+        extra = _probe(model, support_x, support_y, cfg, log)
+        save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=cfg.steps))
+        return _finish(model, extra, task, cfg, run, meta, eval_tf, origin, progress, log)
+    start = {k: v.clone() for k, v in model.state_dict().items()}  # what the guard falls back to
     set_trainable(model, cfg)
     opt = make_optimizer(model, cfg)
     if start_step:
@@ -201,9 +217,70 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
     log(f'recipe: {cfg.method}, {trainable / 1e6:.3f} M trainable parameters, batch {cfg.batch_size}, {steps} steps'
         + (f', first {cfg.frozen_groups} parameter groups frozen' if cfg.method == 'finetune' else ''))
     _train(model, opt, task, cfg, run, start_step, steps, (train_tf, support_x, support_y), meta, progress)
+    guard = _guard_trunk(model, start, support_x, support_y, run, cfg, log) if cfg.guard and steps else None
+    if guard is not None and guard['kept'] == 'prototypes':
+        save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=0, guard='reverted'))
+    return _finish(model, dict(trainable_parameters=trainable, steps=steps, guard=guard), task, cfg, run, meta,
+                   eval_tf, origin, progress, log)
 
+
+def _guard_trunk(model: FewShotClassifier, start: dict, support_x: torch.Tensor, support_y: torch.Tensor,
+                 run: RunDir, cfg: FinetuneConfig, log) -> dict:
+    """Keep the fine-tuned model only if its support loss fell and leave-one-out nearest-prototype accuracy on the
+    support set did not drop; else go back to the prototype classifier it started from.
+
+    The leave-one-out figure of the trained model is optimistic (it trained on those images); it still catches a
+    trunk that collapsed, where every feature looks alike.
+    """
+    from .probe import loo_accuracy
+
+    losses = [r['loss'] for r in run.records()]
+    tenth = max(1, len(losses) // 10)
+    loss_fell = sum(losses[-tenth:]) / tenth < sum(losses[:tenth]) / tenth
+    after = loo_accuracy(extract_features(model.backbone, support_x, cfg.eval_batch_size), support_y, cfg.n_way)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    before = loo_accuracy(extract_features(model.backbone, support_x, cfg.eval_batch_size), support_y, cfg.n_way)
+    worse = after is not None and after < before
+    if loss_fell and not worse:
+        model.load_state_dict(trained)
+        kept, reason = 'trained', 'the support loss fell' + (
+            f' and leave-one-out on the support set held ({100 * before:.0f} % -> {100 * after:.0f} %)'
+            if after is not None else '')
+    else:
+        kept = 'prototypes'
+        reason = ('the support loss did not fall' if not loss_fell else
+                  f'leave-one-out on the support set dropped ({100 * before:.0f} % -> {100 * after:.0f} %)')
+    log(f'guard: kept the {kept} model ({reason})')
+    return dict(kept=kept, reason=reason, loo_before=before, loo_after=after, support_loss_fell=loss_fell)
+
+
+def _probe(model: FewShotClassifier, support_x: torch.Tensor, support_y: torch.Tensor, cfg: FinetuneConfig,
+           log) -> dict:
+    """The linear probe: the cosine head trained on cached support features, kept if the guard agrees."""
+    from .probe import fit_head, guard_head
+
+    features = extract_features(model.backbone, support_x, cfg.eval_batch_size)
+    fit = dict(lr=cfg.lr * cfg.head_lr_scale, scale=cfg.head_scale, label_smoothing=cfg.label_smoothing,
+               weight_decay=cfg.weight_decay)
+    guard = guard_head(features, support_y, cfg.n_way, cfg.steps, **fit) if cfg.guard and cfg.steps else None
+    if guard is None or guard['kept'] == 'trained':
+        model.head = fit_head(features, support_y, cfg.n_way, cfg.steps, **fit)
+    if guard is not None:
+        log(f'guard: kept the {guard["kept"]} head ({guard["reason"]})')
+    trainable = sum(p.numel() for p in model.head.parameters())
+    log(f'recipe: linear_probe, {trainable / 1e6:.3f} M trainable parameters on cached features, {cfg.steps} '
+        'full-batch steps')
+    return dict(trainable_parameters=trainable, steps=cfg.steps, guard=guard)
+
+
+def _finish(model: FewShotClassifier, extra: dict, task: Task, cfg: FinetuneConfig, run: RunDir, meta: dict, eval_tf,
+            origin: str, progress: bool, log) -> dict:
+    """Evaluate, write metrics.json and the PNGs, print the summary, export: the end of every recipe."""
+    if not run.path(MODEL_FILE).is_file() or extra.get('guard') is not None:
+        save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=extra['steps']))
     metrics = _evaluate(model, task, cfg, eval_tf, progress)
-    metrics.update(weights=origin, trainable_parameters=trainable, steps=steps, run_dir=str(run.root))
+    metrics.update(weights=origin, run_dir=str(run.root), **extra)
     _plots(run, metrics, task.class_names, log)
     run.write_json(METRICS_FILE, metrics)
     run.path(STATE_FILE).unlink(missing_ok=True)  # optimizer state is only for resuming

@@ -35,7 +35,9 @@ class CosineHead(nn.Module):
 
     @torch.no_grad()
     def init_from_prototypes(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.weight.copy_(class_prototypes(features, labels, self.weight.shape[0]))
+        """Unit-length class means: the same predictions as the raw means, and steps that move the directions."""
+        protos = class_prototypes(features.float(), labels, self.weight.shape[0])
+        self.weight.copy_(nn.functional.normalize(protos, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).t()

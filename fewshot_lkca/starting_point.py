@@ -1,11 +1,45 @@
-"""Where fine-tuning starts: the backbone's weights, and one line saying where they came from.
+"""Where fine-tuning starts: the backbone's weights, and one line saying where they came from and why.
 
-``weights`` is ``'base'`` (pretrained on the data set's base classes by `fewshot_lkca.pretrain`, cached), or anything
-`fewshot_lkca.checkpoint.load_backbone` takes: ``'imagenet'``, ``'random'``, a checkpoint or a source state_dict.
+``weights``:
+
+* ``'auto'`` (the default): a data set with base classes gets the checkpoint shipped for it (`fewshot_lkca.weights`),
+  else base pretraining on those classes (cached); a user's folder of photos gets ImageNet weights when timm can load
+  them (its hub cache, or online), else the shipped look-alike checkpoint. No default fails on a plain folder.
+* ``'base'``: pretrained on the data set's base classes by `fewshot_lkca.pretrain` (cached after the first run).
+* anything `fewshot_lkca.checkpoint.load_backbone` takes: ``'imagenet'``, ``'random'``, a checkpoint or a source
+  state_dict file.
 """
 from torch import nn
 
-__all__ = ['start_backbone']
+__all__ = ['start_backbone', 'resolve_auto']
+
+
+def _has_base_split(data: str) -> bool:
+    from .task import data_card
+
+    card = data_card(data)
+    return card is not None and 'base' in card.get('splits', {})
+
+
+def resolve_auto(model: str, data: str) -> tuple[str, str]:
+    """What ``weights='auto'`` means for ``model`` on ``data``: a ``weights`` value and the reason, in words."""
+    from .models.factory import imagenet_available
+    from .weights import SHIPPED, shipped_checkpoint
+
+    if _has_base_split(data):
+        path = shipped_checkpoint(data, model)
+        if path is not None:
+            return str(path), f'the checkpoint shipped for {data} (pretrained from scratch on its base classes)'
+        return 'base', f'no checkpoint is shipped for {model} on {data}: pretraining on its base classes'
+    available, why = imagenet_available(model)
+    if available:
+        return 'imagenet', f'a folder of photos: ImageNet weights ({why})'
+    fallback = next((d for d, entry in SHIPPED.items() if entry.model == model and shipped_checkpoint(d, model)), None)
+    if fallback is None:
+        return 'random', f'a folder of photos, ImageNet weights unavailable ({why}) and no checkpoint shipped for ' \
+                         f'{model}: random initialisation'
+    return str(shipped_checkpoint(fallback, model)), (f'a folder of photos, ImageNet weights unavailable ({why}): the '
+                                                      f'checkpoint shipped for {fallback}')
 
 
 def start_backbone(cfg, image_size: int, log=print, progress: bool = True) -> tuple[nn.Module, str]:
@@ -17,8 +51,12 @@ def start_backbone(cfg, image_size: int, log=print, progress: bool = True) -> tu
     """
     from .checkpoint import load_backbone
 
-    if cfg.weights != 'base':
-        backbone, _, origin = load_backbone(cfg.model, cfg.weights)
+    weights = cfg.weights
+    if weights == 'auto':
+        weights, why = resolve_auto(cfg.model, cfg.data)
+        log(f'starting point (--weights auto): {why}')
+    if weights != 'base':
+        backbone, _, origin = load_backbone(cfg.model, weights)
         return backbone, origin
     from .models import create_backbone
     from .pretrain import base_pretrained

@@ -1,5 +1,6 @@
 """`create_backbone`: timm's `create_model` with the checks a user of an offline device needs."""
 import difflib
+import functools
 import os
 import socket
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import timm
 from torch import nn
 
-__all__ = ['create_backbone', 'list_backbones', 'BackboneError']
+__all__ = ['create_backbone', 'list_backbones', 'imagenet_available', 'BackboneError']
 
 _HUB_HOST = ('huggingface.co', 443)
 
@@ -38,6 +39,23 @@ def _in_hub_cache(hf_hub_id: str) -> bool:
         return False
     return any(isinstance(try_to_load_from_cache(hf_hub_id, f), str)
                for f in ('model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin'))
+
+
+@functools.cache
+def imagenet_available(name: str) -> tuple[bool, str]:
+    """Whether timm can load ``name``'s ImageNet weights here (hub cache, or the hub online), and how it knows.
+
+    Asked once per process: offline, the hub check costs up to a few seconds.
+    """
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    hub_id = cfg.hf_hub_id if cfg else None
+    if not hub_id:
+        return False, f'{name} has no ImageNet weights in timm'
+    if _in_hub_cache(hub_id):
+        return True, f'{hub_id} in the Hugging Face cache'
+    if _hub_reachable():
+        return True, f'{hub_id} from the Hugging Face hub'
+    return False, f'{hub_id} is neither cached nor reachable offline'
 
 
 def _check_state_dict_file(path: Path) -> None:
