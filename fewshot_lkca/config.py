@@ -66,6 +66,7 @@ class FinetuneConfig:
     # keep what training made only when leave-one-out on the support set does not say it is worse than the prototype
     # head it started from (fewshot_lkca.probe); 1-shot tasks cannot be checked and keep the prototypes
     guard: bool = True
+    probe_anchor: float = 0.0  # linear probe: pull of the head back towards the prototypes (fewshot_lkca.probe)
 
     # --- optimisation ---
     steps: int = 200  # optimizer steps; 5-way 5-shot = 25 images, so 200 steps at batch 2 = 16 passes

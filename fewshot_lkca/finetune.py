@@ -262,7 +262,7 @@ def _probe(model: FewShotClassifier, support_x: torch.Tensor, support_y: torch.T
 
     features = extract_features(model.backbone, support_x, cfg.eval_batch_size)
     fit = dict(lr=cfg.lr * cfg.head_lr_scale, scale=cfg.head_scale, label_smoothing=cfg.label_smoothing,
-               weight_decay=cfg.weight_decay)
+               anchor=cfg.probe_anchor)
     guard = guard_head(features, support_y, cfg.n_way, cfg.steps, **fit) if cfg.guard and cfg.steps else None
     if guard is None or guard['kept'] == 'trained':
         model.head = fit_head(features, support_y, cfg.n_way, cfg.steps, **fit)

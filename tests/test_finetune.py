@@ -179,3 +179,24 @@ def test_atomic_write_keeps_the_old_file_and_no_temporary_when_writing_fails(tmp
     with pytest.raises(OSError, match='disk full'):
         atomic_write(target, failing)
     assert target.read_text() == 'old' and [p.name for p in tmp_path.iterdir()] == ['model.safetensors']
+
+
+def test_the_guard_falls_back_to_the_prototypes_when_training_wrecks_the_model(folder, tmp_path):
+    protonet = finetune_command(_cfg(folder, tmp_path / 'protonet', method='protonet'), progress=False,
+                                log=lambda *_: None)
+    lines = []
+    wrecked = finetune_command(_cfg(folder, tmp_path / 'wrecked', lr=50.0, optimizer='sgd', steps=6), progress=False,
+                               log=lines.append)
+    assert wrecked['guard']['kept'] == 'prototypes'
+    assert any(line.startswith('guard: kept the prototypes') for line in lines)
+    assert wrecked['per_class_accuracy'] == protonet['per_class_accuracy']  # the same classifier as ProtoNet
+    unguarded = finetune_command(_cfg(folder, tmp_path / 'unguarded', lr=50.0, optimizer='sgd', steps=6, guard=False),
+                                 progress=False, log=lambda *_: None)
+    assert unguarded['guard'] is None
+
+
+def test_the_linear_probe_trains_on_cached_features_and_reports_its_guard(folder, tmp_path):
+    metrics = finetune_command(_cfg(folder, tmp_path / 'probe', method='linear_probe', steps=30, k_shot=3),
+                               progress=False, log=lambda *_: None)
+    assert metrics['guard']['kept'] in ('trained', 'prototypes') and metrics['guard']['loo_prototypes'] is not None
+    assert (tmp_path / 'probe' / 'model.safetensors').is_file() and metrics['steps'] == 30
