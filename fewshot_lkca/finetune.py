@@ -338,7 +338,31 @@ def _summary(metrics: dict, cfg: FinetuneConfig, run: RunDir, log) -> None:
     log(f'hardest class: {worst[0]} ({100 * worst[1]:.0f} %)'
         + (f'; most confused: {metrics["most_confused"][0]["true"]} -> {metrics["most_confused"][0]["predicted"]}'
            if metrics['most_confused'] else ''))
-    log(f'run directory: {run.root} (metrics.json, log.jsonl, model.safetensors, confusion.png)')
+    typical = _typical_accuracy(cfg, metrics['weights'])
+    if typical:
+        log(typical)
+    log(f'run directory: {run.root} (metrics.json, model.safetensors, confusion.png)')
+
+
+# What the job's defaults are measured with: when these match, the model card's figure over many tasks applies.
+_RECIPE_FIELDS = ('method', 'steps', 'lr', 'head_lr_scale', 'frozen_groups', 'train_params', 'batch_size',
+                  'accumulate', 'optimizer', 'augment', 'guard', 'n_way', 'split', 'data', 'model')
+
+
+def _typical_accuracy(cfg: FinetuneConfig, origin: str) -> str:
+    """One line with the default recipe's mean over many tasks (shipped model card), so one draw is not read as the
+    recipe's quality; empty when the run is not the measured setting."""
+    from .weights import SHIPPED, model_card
+
+    entry, card = SHIPPED.get(cfg.data), model_card(cfg.data)
+    if not card or entry is None or str(entry.path) not in origin:
+        return ''
+    defaults = FinetuneConfig()
+    measured = (card.get('default_recipe') or {}).get(str(cfg.k_shot))
+    if not measured or any(getattr(cfg, f) != getattr(defaults, f) for f in _RECIPE_FIELDS):
+        return ''
+    return (f"this task is one draw: the same recipe averaged {100 * measured['mean']:.1f} +- "
+            f"{100 * measured['ci95']:.1f} % over {measured['tasks']} {measured['split']} tasks (model card)")
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

@@ -14,7 +14,7 @@ from ..files import atomic_write
 from ..rundir import BEST_FILE, CONFIG_FILE, METRICS_FILE
 from . import SHIPPED, ShippedWeightsError, sha256
 
-__all__ = ['ship', 'main']
+__all__ = ['ship', 'record_benchmark', 'main']
 
 
 def _cpu() -> str:
@@ -53,7 +53,8 @@ def ship(run_dir: str | Path, data: str = 'lookalike', command: str = '') -> dic
     best = metrics['val']['best']
     card = dict(
         model=entry.model, data=data, split=config['split'], weights='random initialisation',
-        command=command or f'python -m fewshot_lkca.pretrain --recipe {entry.recipe}', recipe=entry.recipe,
+        command=command or f'make weights (python -m fewshot_lkca.pretrain --recipe {entry.recipe}, then python -m '
+                           f'fewshot_lkca.weights.ship RUN_DIR)', recipe=entry.recipe,
         config=config, steps=config['steps'], best_step=best['step'], train_seconds=round(metrics['train_seconds']),
         machine=dict(cpu=_cpu(), python=platform.python_version(), torch=torch.__version__),
         val=dict(split=config['val_split'], protocol=f"{config['val_n_way']}-way {config['val_k_shot']}-shot, "
@@ -61,6 +62,16 @@ def ship(run_dir: str | Path, data: str = 'lookalike', command: str = '') -> dic
                  accuracy=best['mean'], ci95=best['ci95']),
         date=time.strftime('%Y-%m-%d'), file=entry.path.name, precision='fp16', size_bytes=entry.path.stat().st_size,
         sha256=sha256(entry.path))
+    atomic_write(entry.card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + '\n'))
+    return card
+
+
+def record_benchmark(data: str, k_shot: int, result: dict) -> dict:
+    """Add the main job's default recipe's accuracy over many tasks to the model card (what the job prints beside its
+    one task), e.g. ``dict(mean=..., ci95=..., tasks=100, split='novel', command=...)``."""
+    entry = SHIPPED[data]
+    card = json.loads(entry.card_path.read_text())
+    card.setdefault('default_recipe', {})[str(k_shot)] = result
     atomic_write(entry.card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + '\n'))
     return card
 
