@@ -53,7 +53,21 @@ def parse_head(spec: str) -> dict:
         raise SystemExit(f"error: head '{spec}' is not 'protonet' or 'probe:STEPS:LR:ANCHOR[+guard]'") from None
 
 
-def embed_split(weights: str, data: str, split: str, cache: Path | None) -> tuple[torch.Tensor, object, str]:
+class _Mirrored:
+    """The split's images flipped left-right: a mirrored object is the same object (pretraining's one augmentation)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset.load(index)[:, ::-1].copy()
+
+
+def embed_split(weights: str, data: str, split: str, cache: Path | None, mirrored: bool = False
+                ) -> tuple[torch.Tensor, object, str]:
     """Features of every image of the split (cached in ``cache``), the data set, and the weights' origin."""
     backbone, meta, origin = load_backbone('', weights)
     dataset = get_dataset(data, split=split, **dataset_options(data))
@@ -62,7 +76,8 @@ def embed_split(weights: str, data: str, split: str, cache: Path | None) -> tupl
         saved = torch.load(cache, weights_only=True)
         if saved['origin'] == origin and saved['n'] == len(dataset):
             return saved['features'], dataset, origin
-    features = embed_images(backbone, RawImages(dataset), eval_transform(backbone, size=size), 64, progress=False)
+    images = _Mirrored(dataset) if mirrored else RawImages(dataset)
+    features = embed_images(backbone, images, eval_transform(backbone, size=size), 64, progress=False)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(features=features, origin=origin, n=len(dataset)), cache)
@@ -70,10 +85,19 @@ def embed_split(weights: str, data: str, split: str, cache: Path | None) -> tupl
 
 
 def run_tasks(features: torch.Tensor, dataset, heads: list[dict], n_way: int, k_shot: int, n_query: int,
-              tasks: int, first: int = 0) -> dict[str, list[float]]:
-    """Per-head list of per-task query accuracies; every head sees the same tasks."""
+              tasks: int, first: int = 0, mirrored: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Per-head list of per-task query accuracies; every head sees the same tasks.
+
+    With ``mirrored`` (the features of the flipped images), ``protonet+mirror`` also runs: prototypes from each
+    support image and its mirror image, queries as the mean of both views' unit features; and
+    ``protonet+mirrored-support``: the same prototypes, each query seen once (the device's cost stays one forward).
+    """
     sampler = EpisodeSampler(dataset, n_way, k_shot, n_query, seed=0)
     results = {h['name']: [] for h in heads}
+    if mirrored is not None:
+        results['protonet+mirror'] = []
+        results['protonet+mirrored-support'] = []
+    unit = torch.nn.functional.normalize
     guards = 0
     for t in range(first, first + tasks):
         plan = sampler.plan(t)
@@ -87,6 +111,13 @@ def run_tasks(features: torch.Tensor, dataset, heads: list[dict], n_way: int, k_
             head = fit_head(sx, sy, n_way, steps, **fit)
             with torch.no_grad():
                 results[h['name']].append((head(qx).argmax(1) == qy).float().mean().item())
+        if mirrored is not None:
+            both = torch.cat([unit(sx, dim=1), unit(mirrored[plan.support_idx], dim=1)])
+            head = fit_head(both, torch.cat([sy, sy]), n_way, 0, 0.1)
+            views = unit(qx, dim=1) + unit(mirrored[plan.query_idx], dim=1)
+            with torch.no_grad():
+                results['protonet+mirror'].append((head(views).argmax(1) == qy).float().mean().item())
+                results['protonet+mirrored-support'].append((head(qx).argmax(1) == qy).float().mean().item())
     return results
 
 
@@ -121,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--queries', type=int, default=15)
     parser.add_argument('--tasks', type=int, default=50)
     parser.add_argument('--heads', default=','.join(DEFAULT_HEADS), help="comma-separated heads, or 'grid'")
+    parser.add_argument('--mirror', action='store_true', help='also protonet+mirror (flipped views, no training)')
     parser.add_argument('--cache', type=Path, default=Path('runs/adaptation'), help='feature cache folder')
     parser.add_argument('--out', type=Path, help='write the results as JSON')
     args = parser.parse_args(argv)
@@ -135,12 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         stem = f'{Path(args.weights).stem}-{Path(args.data).name}-{args.split}.pt'
         features, dataset, origin = embed_split(args.weights, args.data, args.split, args.cache / stem)
+        mirrored = embed_split(args.weights, args.data, args.split, args.cache / f'mirror-{stem}', True)[0] \
+            if args.mirror else None
         out = dict(date=str(datetime.date.today()), weights=origin, data=args.data, split=args.split, n_way=args.ways,
                    n_query=args.queries, tasks=args.tasks, results={})
         print(f'# {out["date"]}, {origin}, {args.data} ({args.split}), {args.ways}-way, {args.queries} queries, '
               f'{args.tasks} tasks (episodes 0..{args.tasks - 1} of seed 0)')
         for k in shots:
-            results = run_tasks(features, dataset, heads, args.ways, k, args.queries, args.tasks)
+            results = run_tasks(features, dataset, heads, args.ways, k, args.queries, args.tasks, mirrored=mirrored)
             rows = summarise(results)
             out['results'][k] = dict(rows=rows, per_task=results)
             print('\n'.join(format_table(rows, k)))

@@ -66,6 +66,8 @@ class FinetuneConfig:
     # keep what training made only when leave-one-out on the support set does not say it is worse than the prototype
     # head it started from (fewshot_lkca.probe); 1-shot tasks cannot be checked and keep the prototypes
     guard: bool = True
+    # the classifier also sees each image flipped left-right and reads both views (two backbone passes per image)
+    mirror_views: bool = False
     probe_anchor: float = 0.0  # linear probe: pull of the head back towards the prototypes (fewshot_lkca.probe)
 
     # --- optimisation ---

@@ -26,7 +26,6 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .config import ConfigError, FinetuneConfig, parse_cli, resolve_config
 from .errors import DataError
-from .features import extract_features
 from .freezing import freeze_groups, set_batchnorm_eval
 from .heads import CosineHead, FewShotClassifier
 from .metadata import preprocessing
@@ -82,10 +81,17 @@ def build_classifier(backbone: nn.Module, support_x: torch.Tensor, support_y: to
                      cfg: FinetuneConfig) -> FewShotClassifier:
     """Backbone + cosine head (from the support set's prototypes, unless ``head_init='random'``)."""
     feature_dim = getattr(backbone, 'head_hidden_size', None) or backbone.num_features  # pre-logits width
-    head = CosineHead(feature_dim, cfg.n_way, scale=cfg.head_scale)
+    model = FewShotClassifier(backbone, CosineHead(feature_dim, cfg.n_way, scale=cfg.head_scale), cfg.mirror_views)
     if cfg.head_init == 'prototypes':
-        head.init_from_prototypes(extract_features(backbone, support_x, cfg.eval_batch_size), support_y)
-    return FewShotClassifier(backbone, head)
+        model.head.init_from_prototypes(_features(model, support_x, cfg.eval_batch_size), support_y)
+    return model
+
+
+@torch.no_grad()
+def _features(model: FewShotClassifier, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """What the head reads (both views' with ``mirror_views``), in eval mode, ``batch_size`` images at a time."""
+    model.eval()
+    return torch.cat([model.features(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
 
 
 def train_step(model: FewShotClassifier, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -196,7 +202,7 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
     support_y = torch.tensor(task.support_y)
     model = build_classifier(backbone, support_x, support_y, cfg)
     meta = dict(model=cfg.model, classes=task.class_names, **preprocessing(backbone.pretrained_cfg, task.image_size),
-                weights=origin, data=cfg.data)
+                weights=origin, data=cfg.data, mirror_views=cfg.mirror_views)
 
     steps = cfg.steps if cfg.method != 'protonet' else 0
     if cfg.method == 'linear_probe':  # a frozen backbone: the head trains on the support set's features, cached
@@ -237,10 +243,10 @@ def _guard_trunk(model: FewShotClassifier, start: dict, support_x: torch.Tensor,
     losses = [r['loss'] for r in run.records()]
     tenth = max(1, len(losses) // 10)
     loss_fell = sum(losses[-tenth:]) / tenth < sum(losses[:tenth]) / tenth
-    after = loo_accuracy(extract_features(model.backbone, support_x, cfg.eval_batch_size), support_y, cfg.n_way)
+    after = loo_accuracy(_features(model, support_x, cfg.eval_batch_size), support_y, cfg.n_way)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(start)
-    before = loo_accuracy(extract_features(model.backbone, support_x, cfg.eval_batch_size), support_y, cfg.n_way)
+    before = loo_accuracy(_features(model, support_x, cfg.eval_batch_size), support_y, cfg.n_way)
     worse = after is not None and after < before
     if loss_fell and not worse:
         model.load_state_dict(trained)
@@ -260,7 +266,7 @@ def _probe(model: FewShotClassifier, support_x: torch.Tensor, support_y: torch.T
     """The linear probe: the cosine head trained on cached support features, kept if the guard agrees."""
     from .probe import fit_head, guard_head
 
-    features = extract_features(model.backbone, support_x, cfg.eval_batch_size)
+    features = _features(model, support_x, cfg.eval_batch_size)
     fit = dict(lr=cfg.lr * cfg.head_lr_scale, scale=cfg.head_scale, label_smoothing=cfg.label_smoothing,
                anchor=cfg.probe_anchor)
     guard = guard_head(features, support_y, cfg.n_way, cfg.steps, **fit) if cfg.guard and cfg.steps else None

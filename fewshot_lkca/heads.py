@@ -46,13 +46,23 @@ class CosineHead(nn.Module):
 class FewShotClassifier(nn.Module):
     """``head(backbone(x))`` where the backbone returns pre-logits features (``num_classes=0``).
 
-    One module, so that export, quantization and checkpoints see the whole thing.
+    One module, so that export, quantization and checkpoints see the whole thing. With ``mirror_views`` an image is
+    also seen flipped left-right (a mirrored object is the same object; pretraining's one augmentation) and the head
+    reads the sum of both views' unit features: two backbone passes per image.
     """
 
-    def __init__(self, backbone: nn.Module, head: CosineHead):
+    def __init__(self, backbone: nn.Module, head: CosineHead, mirror_views: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.mirror_views = mirror_views
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.mirror_views:
+            return self.backbone(x)
+        both = self.backbone(torch.cat([x, x.flip(-1)]))  # one pass over the batch and its mirror images
+        unit = nn.functional.normalize(both, dim=1)
+        return unit.unflatten(0, (2, -1)).sum(0)  # (2N, D) -> (2, N, D): no slice at N, so the batch stays dynamic
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.features(x))

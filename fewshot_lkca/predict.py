@@ -205,7 +205,11 @@ class OnnxClassifier:
         """(N, classes) softmax probabilities of a preprocessed (N, 3, S, S) float32 batch."""
         rows = []
         for i in range(0, len(batch), self.max_batch):
-            (logits,) = self.session.run(None, {self.input_name: batch[i:i + self.max_batch]})
+            try:
+                (logits,) = self.session.run(None, {self.input_name: batch[i:i + self.max_batch]})
+            except Exception as e:  # onnxruntime's own exception types are not importable by name
+                raise PredictError(f'{self.path}: onnxruntime cannot run it on these images '
+                                   f'({str(e).splitlines()[0][:160]})') from None
             rows.append(logits)
         logits = np.concatenate(rows).astype(np.float64)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -6,11 +6,13 @@
   set; top-1 agreement with fp32 and the accuracy of both on held-out images never used for calibration.
 * ``executorch``, ``executorch-int8``, ``ncnn``: device formats (batch 1), run back with their own runtimes.
 """
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .formats import ExportError
 from .inputs import Inputs, Reference
 from .onnx import check_onnx, export_onnx, opset, parity, save_onnx, set_metadata
 from .session import onnx_session, run_onnx
@@ -30,17 +32,25 @@ def _onnx_metadata(meta: dict, precision: str) -> dict[str, str]:
     return encode_metadata(dict(fields, precision=precision, **{MARKER: __version__}))
 
 
-def write_onnx(inputs: Inputs, ref: Reference, path: Path) -> dict:
-    """fp32 ONNX with dynamic batch and our metadata, checked, written atomically, compared with PyTorch."""
+def write_onnx(inputs: Inputs, ref: Reference, path: Path, staging: Path) -> dict:
+    """fp32 ONNX with dynamic batch and our metadata, checked, run on the reference images (batch 1 and more) in
+    ``staging``, and only then renamed onto ``path``: a model that fails a check never lands in the run directory."""
     import torch
 
     start = time.perf_counter()
     proto = export_onnx(inputs.model, ref.images[:2])
     set_metadata(proto, _onnx_metadata(inputs.meta, 'fp32'))
     check_onnx(proto)
-    save_onnx(proto, path)
+    staged = staging / f'checked.{path.name}'
+    save_onnx(proto, staged)
     seconds = time.perf_counter() - start
-    logits = run_onnx(onnx_session(path), ref.images.numpy())
+    try:
+        session = onnx_session(staged)
+        logits = run_onnx(session, ref.images.numpy())
+        run_onnx(session, ref.images[:1].numpy())  # batch 1, as a device runs it
+    except Exception as e:  # onnxruntime's own exception types are not importable by name
+        raise ExportError(f'the exported ONNX model does not run in onnxruntime: {str(e).splitlines()[0]}') from e
+    os.replace(staged, path)
     size = inputs.meta['image_size']
     return dict(format='onnx', path=str(path), precision='fp32', size_bytes=path.stat().st_size, opset=opset(proto),
                 nodes=len(proto.graph.node), input=dict(name='image', shape=['batch', 3, size, size]),

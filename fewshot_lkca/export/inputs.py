@@ -59,8 +59,8 @@ def load_classifier(path: Path):
         check_classifier_meta(meta, weight.shape[0], str(path))
     except MetadataError as e:
         raise CheckpointError(str(e)) from None
-    model = FewShotClassifier(create_backbone(meta['model'], num_classes=0), CosineHead(weight.shape[1],
-                                                                                          weight.shape[0]))
+    model = FewShotClassifier(create_backbone(meta['model'], num_classes=0),
+                              CosineHead(weight.shape[1], weight.shape[0]), bool(meta.get('mirror_views')))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:

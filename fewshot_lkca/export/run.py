@@ -79,12 +79,12 @@ def export_run(run_dir: str | Path, formats=DEFAULT_FORMATS, task=None, log=prin
             for fmt in formats:
                 path = run_dir / FORMATS[fmt].file
                 if fmt == 'onnx':
-                    artifacts[fmt] = write_onnx(inputs, ref, path)
+                    artifacts[fmt] = write_onnx(inputs, ref, path, staging)
                     fp32_path = path
                 elif fmt == 'onnx-int8':
                     if fp32_path is None:  # int8 is made from the fp32 model; not asked for, it is not kept
                         fp32_path = staging / 'model.onnx'
-                        write_onnx(inputs, ref, fp32_path)
+                        write_onnx(inputs, ref, fp32_path, staging)
                     artifacts[fmt] = write_onnx_int8(inputs, path, fp32_path, staging)
                 else:
                     artifacts[fmt] = write_device(fmt, inputs, ref, path)
