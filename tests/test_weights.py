@@ -23,7 +23,7 @@ def test_the_shipped_checkpoint_matches_its_card_and_loads():
     assert meta['model'] == entry.model and 'lookalike' in origin
     with torch.no_grad():
         features = backbone(torch.zeros(2, 3, 96, 96))
-    assert features.shape == (2, backbone.num_features) and torch.isfinite(features).all()
+    assert features.shape == (2, backbone.head_hidden_size) and torch.isfinite(features).all()
 
 
 def test_a_damaged_copy_is_refused(tmp_path, monkeypatch):
