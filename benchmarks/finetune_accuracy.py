@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from fewshot_lkca.config import ConfigError, apply_overrides, load_recipe, parse_override
+from fewshot_lkca.config import ConfigError, FinetuneConfig, apply_overrides, load_recipe, parse_override
 from fewshot_lkca.finetune import finetune_command
 from fewshot_lkca.metrics import mean_ci
 
-RECIPES = ('protonet', 'linear_probe', 'lean_5shot')
+RECIPES = ('default', 'protonet', 'linear_probe', 'lean_5shot')
 
 
 REFERENCES = ('protonet', 'linear_probe')
@@ -37,7 +37,8 @@ def run_tasks(recipes: list[str], tasks: int, overrides: dict[str, str], out: Pa
     results, reverted = {r: [] for r in recipes}, {r: 0 for r in recipes}
     for task in range(first_task, first_task + tasks):
         for recipe in recipes:
-            cfg = apply_overrides(load_recipe(recipe), overrides, source='--set', from_text=True)
+            base = FinetuneConfig() if recipe == 'default' else load_recipe(recipe)  # 'default': the job's own
+            cfg = apply_overrides(base, overrides, source='--set', from_text=True)
             cfg = apply_overrides(cfg, dict(seed=task, out=str(out / f'{recipe}-task{task}'), export=[]),
                                   source='bench')  # accuracy only: no artifacts
             metrics = finetune_command(cfg.validate(), overwrite=True, progress=progress, log=lambda *_: None)

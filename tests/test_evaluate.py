@@ -83,7 +83,8 @@ def test_finetune_checkpoint_is_evaluated_with_its_backbone_and_preprocessing(fo
     run = tmp_path / 'run'
     ft = apply_overrides(FinetuneConfig(), dict(data=str(folder), out=str(run), n_way=3, k_shot=2, n_query=3,
                                                 weights='random', image_size=40, steps=2, batch_size=2,
-                                                eval_episodes=2, augment=False, export=[]), source='test').validate()
+                                                eval_episodes=2, augment=False, export=[], method='finetune'),
+                        source='test').validate()
     finetune_command(ft, progress=False, log=lambda *_: None)
     path = run / 'model.safetensors'
     tensors, meta = load_checkpoint(path)

@@ -19,7 +19,7 @@ pytest.importorskip('onnxruntime')
 
 def _cfg(data: Path, out: Path, **changes) -> FinetuneConfig:
     base = dict(data=str(data), out=str(out), n_way=3, k_shot=2, n_query=4, weights='random', image_size=32,
-                steps=2, batch_size=2, eval_episodes=2, export=[])
+                method='finetune', mirror_views=False, steps=2, batch_size=2, eval_episodes=2, export=[])
     return apply_overrides(FinetuneConfig(), dict(base, **changes), source='test').validate()
 
 

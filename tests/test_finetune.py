@@ -16,7 +16,8 @@ from fewshot_lkca.rundir import RunDir, RunError
 
 def _cfg(data: Path, out: Path, **changes) -> FinetuneConfig:
     base = dict(data=str(data), out=str(out), n_way=3, k_shot=2, n_query=4, weights='random', image_size=32,
-                steps=8, batch_size=2, checkpoint_every=3, eval_episodes=20, augment=True, export=[])
+                method='finetune', mirror_views=False, steps=8, batch_size=2, checkpoint_every=3, eval_episodes=20,
+                augment=True, export=[])
     base.update(changes)
     return apply_overrides(FinetuneConfig(), base, source='test').validate()
 
@@ -83,6 +84,7 @@ ft.main(sys.argv[1:])
 def _cli_args(folder: Path, out: Path) -> list[str]:
     return ['--data', str(folder), '--out', str(out), '--ways', '3', '--shots', '2', '--queries', '4',
             '--weights', 'random', '--image_size=32', '--steps=8', '--batch_size=2', '--checkpoint_every=3',
+            '--method=finetune', '--mirror_views=false',
             '--eval_episodes=20', '--export=[]', '--no-progress']
 
 
