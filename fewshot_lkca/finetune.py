@@ -220,8 +220,13 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
         log(f'resuming at step {start_step} of {steps}')
     train_tf = train_transform(backbone, size=task.image_size) if cfg.augment else eval_tf
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f'recipe: {cfg.method}, {trainable / 1e6:.3f} M trainable parameters, batch {cfg.batch_size}, {steps} steps'
-        + (f', first {cfg.frozen_groups} parameter groups frozen' if cfg.method == 'finetune' else ''))
+    views = ', each image and its mirror image' if cfg.mirror_views else ''
+    if steps == 0:
+        log(f'recipe: {cfg.method}: the class prototypes of the support set{views}, no training')
+    else:
+        log(f'recipe: {cfg.method}, {trainable / 1e6:.3f} M trainable parameters, batch {cfg.batch_size}, {steps} '
+            f'steps' + (f', first {cfg.frozen_groups} parameter groups frozen' if cfg.method == 'finetune' else '')
+            + views)
     _train(model, opt, task, cfg, run, start_step, steps, (train_tf, support_x, support_y), meta, progress)
     guard = _guard_trunk(model, start, support_x, support_y, run, cfg, log) if cfg.guard and steps else None
     if guard is not None and guard['kept'] == 'prototypes':
