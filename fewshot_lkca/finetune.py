@@ -29,24 +29,22 @@ from .errors import DataError
 from .freezing import freeze_groups, set_batchnorm_eval
 from .heads import CosineHead, FewShotClassifier
 from .metadata import preprocessing
-from .metrics import confused_pairs, mean_ci, query_episode_accuracies
 from .models.factory import BackboneError
+from .report import evaluate_task, plot_run, summary
 from .rundir import (
-    CONFUSION_FILE,
-    CURVE_FILE,
-    LOG_FILE,
     METRICS_FILE,
     MODEL_FILE,
     STATE_FILE,
     RunDir,
     RunError,
+    add_run_arguments,
     new_run,
     open_resumed,
 )
 from .seeding import derive_seed
 from .starting_point import start_backbone
 from .task import Task, build_task, default_out, load_images
-from .threads import add_threads_argument, set_threads
+from .threads import set_threads
 from .train import create_optimizer, create_scheduler
 
 __all__ = ['build_parser', 'finetune_command', 'main', 'build_classifier', 'set_trainable', 'train_mode',
@@ -290,90 +288,16 @@ def _finish(model: FewShotClassifier, extra: dict, task: Task, cfg: FinetuneConf
     """Evaluate, write metrics.json and the PNGs, print the summary, export: the end of every recipe."""
     if not run.path(MODEL_FILE).is_file() or extra.get('guard') is not None:
         save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=extra['steps']))
-    metrics = _evaluate(model, task, cfg, eval_tf, progress)
+    metrics = evaluate_task(model, task, cfg, eval_tf, progress)
     metrics.update(weights=origin, run_dir=str(run.root), **extra)
-    _plots(run, metrics, task.class_names, log)
+    plot_run(run, metrics, task.class_names, log)
     run.write_json(METRICS_FILE, metrics)
     run.path(STATE_FILE).unlink(missing_ok=True)  # optimizer state is only for resuming
-    _summary(metrics, cfg, run, log)
+    summary(metrics, cfg, run, log)
     if cfg.export:  # after metrics.json: a failed export is a warning, never a lost run
         from .export import export_after_finetune
         export_after_finetune(run.root, cfg.export, task=task, log=log)
     return metrics
-
-
-@torch.no_grad()
-def _evaluate(model: FewShotClassifier, task: Task, cfg: FinetuneConfig, eval_tf, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
-    model.eval()
-    preds = []
-    bs = cfg.eval_batch_size
-    for i in tqdm(range(0, len(task.pool_idx), bs), desc='evaluating', disable=not progress, unit='batch'):
-        preds.append(model(_load_images(task, task.pool_idx[i:i + bs], eval_tf)).argmax(1))
-    pred = torch.cat(preds)
-    truth = torch.tensor(task.pool_y)
-    correct = pred == truth
-    accs = query_episode_accuracies(correct, truth, cfg.n_way, cfg.n_query, cfg.eval_episodes, cfg.seed)
-    confusion = torch.zeros(cfg.n_way, cfg.n_way, dtype=torch.long)
-    confusion.index_put_((truth, pred), torch.ones_like(truth), accumulate=True)
-    per_class = {name: (confusion[c, c] / confusion[c].sum()).item() for c, name in enumerate(task.class_names)}
-    return dict(
-        task=dict(n_way=cfg.n_way, k_shot=cfg.k_shot, n_query=cfg.n_query, classes=task.class_names,
-                  data=cfg.data, split=cfg.split, seed=cfg.seed),
-        query_accuracy=accs[0].item(),
-        episodes=mean_ci(accs).as_dict(),
-        held_out_accuracy=correct.float().mean().item(),
-        per_class_accuracy=per_class,
-        most_confused=confused_pairs(confusion, task.class_names),
-        confusion=confusion.tolist(),
-        chance=1.0 / cfg.n_way,
-    )
-
-
-def _plots(run: RunDir, metrics: dict, names: list[str], log) -> None:
-    from .plots import plot_confusion, plot_training_curve
-
-    if not plot_confusion(metrics['confusion'], names, run.path(CONFUSION_FILE)):
-        log('matplotlib is not installed: no PNGs (pip install fewshot-lkca[plots])')
-    elif run.path(LOG_FILE).is_file():
-        plot_training_curve(run.path(LOG_FILE), run.path(CURVE_FILE))
-
-
-def _summary(metrics: dict, cfg: FinetuneConfig, run: RunDir, log) -> None:
-    ep = metrics['episodes']
-    log('')
-    log(f'{cfg.n_way}-way {cfg.k_shot}-shot, {cfg.method}: accuracy {100 * ep["mean"]:.1f} +- {100 * ep["ci95"]:.1f} % '
-        f'(95% CI over {ep["n"]} episodes of {cfg.n_query} queries/class; chance {100 * metrics["chance"]:.0f} %)')
-    worst = min(metrics['per_class_accuracy'].items(), key=lambda kv: kv[1])
-    log(f'hardest class: {worst[0]} ({100 * worst[1]:.0f} %)'
-        + (f'; most confused: {metrics["most_confused"][0]["true"]} -> {metrics["most_confused"][0]["predicted"]}'
-           if metrics['most_confused'] else ''))
-    typical = _typical_accuracy(cfg, metrics['weights'])
-    if typical:
-        log(typical)
-    log(f'run directory: {run.root} (metrics.json, model.safetensors, confusion.png)')
-
-
-# What the job's defaults are measured with: when these match, the model card's figure over many tasks applies.
-_RECIPE_FIELDS = ('method', 'steps', 'lr', 'head_lr_scale', 'frozen_groups', 'train_params', 'batch_size',
-                  'accumulate', 'optimizer', 'augment', 'guard', 'n_way', 'split', 'data', 'model')
-
-
-def _typical_accuracy(cfg: FinetuneConfig, origin: str) -> str:
-    """One line with the default recipe's mean over many tasks (shipped model card), so one draw is not read as the
-    recipe's quality; empty when the run is not the measured setting."""
-    from .weights import SHIPPED, model_card
-
-    entry, card = SHIPPED.get(cfg.data), model_card(cfg.data)
-    if not card or entry is None or str(entry.path) not in origin:
-        return ''
-    defaults = FinetuneConfig()
-    measured = (card.get('default_recipe') or {}).get(str(cfg.k_shot))
-    if not measured or any(getattr(cfg, f) != getattr(defaults, f) for f in _RECIPE_FIELDS):
-        return ''
-    return (f"this task is one draw: the same recipe averaged {100 * measured['mean']:.1f} +- "
-            f"{100 * measured['ci95']:.1f} % over {measured['tasks']} {measured['split']} tasks (model card)")
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -387,13 +311,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument('--data', help='data set card name (lookalike, omniglot, ...) or an image-folder path')
     parser.add_argument('--recipe', help='recipe name in recipes/ or a YAML file (default: the dataclass defaults)')
     parser.add_argument('--model', help='backbone name (timm)')
-    parser.add_argument('--weights', help="'base', 'imagenet', 'random', or a checkpoint / source state_dict path")
-    parser.add_argument('--out', help='run directory (default: runs/<data>-<model>-<ways>w<shots>s-...)')
-    parser.add_argument('--seed', type=int)
-    parser.add_argument('--resume', type=Path, metavar='RUN_DIR', help='continue a run that was interrupted')
-    parser.add_argument('--overwrite', action='store_true', help='replace a finished run in --out')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
-    add_threads_argument(parser)
+    parser.add_argument('--weights', help="'auto' (default), 'base', 'imagenet', 'random', or a checkpoint / source "
+                                          'state_dict path')
+    add_run_arguments(parser, 'runs/<data>-<model>-<ways>w<shots>s-<method>-seed<seed>')
     return parser
 
 

@@ -23,7 +23,7 @@ from .config import ConfigError, apply_overrides
 from .files import atomic_write
 
 __all__ = ['RunError', 'RunDir', 'CONFIG_FILE', 'LOG_FILE', 'METRICS_FILE', 'MODEL_FILE', 'STATE_FILE', 'BEST_FILE',
-           'LAST_FILE', 'CURVE_FILE', 'CONFUSION_FILE', 'EXPORT_FILE', 'new_run', 'open_resumed']
+           'LAST_FILE', 'CURVE_FILE', 'CONFUSION_FILE', 'EXPORT_FILE', 'new_run', 'open_resumed', 'add_run_arguments']
 
 CONFIG_FILE, LOG_FILE, METRICS_FILE, STATE_FILE = 'config.json', 'log.jsonl', 'metrics.json', 'train_state.pt'
 MODEL_FILE, EXPORT_FILE = 'model.safetensors', 'export.json'
@@ -116,3 +116,15 @@ def open_resumed(root: str | os.PathLike, config_cls: type):
         reason = str(e).splitlines()[0] if not isinstance(e, ConfigError) else str(e)
         raise RunError(f'--resume {run.root}: {CONFIG_FILE} is not a {kind} config ({reason})') from None
     return cfg, run
+
+
+def add_run_arguments(parser, default_out: str) -> None:
+    """The options every training command shares: where the run goes, its seed, resuming, overwriting, progress."""
+    from .threads import add_threads_argument
+
+    parser.add_argument('--out', help=f'run directory (default: {default_out})')
+    parser.add_argument('--seed', type=int)
+    parser.add_argument('--resume', type=Path, metavar='RUN_DIR', help='continue a run that was interrupted')
+    parser.add_argument('--overwrite', action='store_true', help='replace a finished run in --out')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    add_threads_argument(parser)

@@ -3,15 +3,14 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, parse_cli, resolve_config
 from ..console import quiet_console
 from ..errors import DataError
 from ..models.factory import BackboneError
-from ..rundir import RunError
-from ..threads import add_threads_argument, set_threads
+from ..rundir import RunError, add_run_arguments
+from ..threads import set_threads
 from .config import PretrainConfig
 from .loop import pretrain_command
 
@@ -29,12 +28,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument('--model', help='backbone name (timm)')
     parser.add_argument('--weights', help="'random' (default), 'imagenet', or a checkpoint to continue from")
     parser.add_argument('--steps', type=int)
-    parser.add_argument('--out', help='run directory (default: runs/<data>-<model>-pretrain-<method>-seed<seed>)')
-    parser.add_argument('--seed', type=int)
-    parser.add_argument('--resume', type=Path, metavar='RUN_DIR', help='continue a run that was interrupted')
-    parser.add_argument('--overwrite', action='store_true', help='replace a finished run in --out')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
-    add_threads_argument(parser)
+    add_run_arguments(parser, 'runs/<data>-<model>-pretrain-<method>-seed<seed>')
     return parser
 
 

@@ -12,19 +12,10 @@ from pathlib import Path
 
 from ..files import atomic_write
 from ..rundir import BEST_FILE, CONFIG_FILE, METRICS_FILE
+from ..threads import cpu_name
 from . import SHIPPED, ShippedWeightsError, sha256
 
 __all__ = ['ship', 'record_benchmark', 'main']
-
-
-def _cpu() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown cpu'
 
 
 def ship(run_dir: str | Path, data: str = 'lookalike', command: str = '') -> dict:
@@ -56,14 +47,31 @@ def ship(run_dir: str | Path, data: str = 'lookalike', command: str = '') -> dic
         command=command or f'make weights (python -m fewshot_lkca.pretrain --recipe {entry.recipe}, then python -m '
                            f'fewshot_lkca.weights.ship RUN_DIR)', recipe=entry.recipe,
         config=config, steps=config['steps'], best_step=best['step'], train_seconds=round(metrics['train_seconds']),
-        machine=dict(cpu=_cpu(), python=platform.python_version(), torch=torch.__version__),
+        machine=dict(cpu=cpu_name(), python=platform.python_version(), torch=torch.__version__),
         val=dict(split=config['val_split'], protocol=f"{config['val_n_way']}-way {config['val_k_shot']}-shot, "
                  f"{config['val_n_query']} queries, nearest class mean, {config['val_episodes']} episodes",
                  accuracy=best['mean'], ci95=best['ci95']),
         date=time.strftime('%Y-%m-%d'), file=entry.path.name, precision='fp16', size_bytes=entry.path.stat().st_size,
         sha256=sha256(entry.path))
     atomic_write(entry.card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + '\n'))
+    write_card_markdown(card, entry.card_path.with_suffix('.md'))
     return card
+
+
+def write_card_markdown(card: dict, path: Path) -> None:
+    """The model card for people: the same facts as the JSON card beside it."""
+    val = card['val']
+    origin = f"`{card['model']}` trained from {card['weights']} on the {card['split']} classes of `{card['data']}`."
+    lines = [f"# {card['file']}", '', origin, '', f"- command: `{card['command']}`",
+             f"- training: {card['steps']} steps (best on val at step {card['best_step']}), {card['train_seconds']} s "
+             f"on {card['machine']['cpu']} (torch {card['machine']['torch']}), {card['date']}",
+             f"- val ({val['split']} classes, {val['protocol']}): {100 * val['accuracy']:.1f} +- "
+             f"{100 * val['ci95']:.1f} %",
+             f"- file: {card['precision']}, {card['size_bytes'] / 1e6:.2f} MB, sha256 `{card['sha256']}`"]
+    for k, r in sorted((card.get('default_recipe') or {}).items()):
+        lines.append(f"- the job's default recipe, {k}-shot: {100 * r['mean']:.1f} +- {100 * r['ci95']:.1f} % over "
+                     f"{r['tasks']} {r['split']} tasks (`{r['command']}`)")
+    atomic_write(path, lambda tmp: tmp.write_text('\n'.join(lines) + '\n'))
 
 
 def record_benchmark(data: str, k_shot: int, result: dict) -> dict:
@@ -73,6 +81,7 @@ def record_benchmark(data: str, k_shot: int, result: dict) -> dict:
     card = json.loads(entry.card_path.read_text())
     card.setdefault('default_recipe', {})[str(k_shot)] = result
     atomic_write(entry.card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + '\n'))
+    write_card_markdown(card, entry.card_path.with_suffix('.md'))
     return card
 
 
