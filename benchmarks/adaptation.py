@@ -53,19 +53,6 @@ def parse_head(spec: str) -> dict:
         raise SystemExit(f"error: head '{spec}' is not 'protonet' or 'probe:STEPS:LR:ANCHOR[+guard]'") from None
 
 
-class _Mirrored:
-    """The split's images flipped left-right: a mirrored object is the same object (pretraining's one augmentation)."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        return self.dataset.load(index)[:, ::-1].copy()
-
-
 def embed_split(weights: str, data: str, split: str, cache: Path | None, mirrored: bool = False
                 ) -> tuple[torch.Tensor, object, str]:
     """Features of every image of the split (cached in ``cache``), the data set, and the weights' origin."""
@@ -76,8 +63,8 @@ def embed_split(weights: str, data: str, split: str, cache: Path | None, mirrore
         saved = torch.load(cache, weights_only=True)
         if saved['origin'] == origin and saved['n'] == len(dataset):
             return saved['features'], dataset, origin
-    images = _Mirrored(dataset) if mirrored else RawImages(dataset)
-    features = embed_images(backbone, images, eval_transform(backbone, size=size), 64, progress=False)
+    transform = eval_transform(backbone, size=size)
+    features = embed_images(backbone, RawImages(dataset, mirror=mirrored), transform, 64, progress=False)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(features=features, origin=origin, n=len(dataset)), cache)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ['ConfigError', 'FinetuneConfig', 'RECIPE_DIR', 'list_recipes', 'load_recipe', 'apply_overrides',
-           'resolve_config', 'parse_override', 'parse_cli']
+           'resolve_config', 'parse_override', 'parse_cli', 'config_for_command']
 
 # Recipes ship inside the package (an installed wheel has them); the repository's top-level recipes/ links to them.
 RECIPE_DIR = Path(__file__).resolve().parent / 'recipes'
@@ -300,3 +300,13 @@ def resolve_config(recipe: str | None, overrides: dict[str, str], config_cls: ty
     """Defaults < recipe < command-line overrides (text values), validated (``config_cls``: any config dataclass)."""
     cfg = load_recipe(recipe, config_cls=config_cls) if recipe else config_cls()
     return apply_overrides(cfg, overrides, source='the command line', from_text=True).validate()
+
+
+def config_for_command(recipe: str | None, overrides: dict[str, str], resume, config_cls: type = FinetuneConfig):
+    """A training command's config: defaults < recipe < overrides; with ``resume`` the run's saved config is used, so
+    any other option is refused (the returned defaults are replaced by the command)."""
+    if resume is not None:
+        if overrides or recipe:
+            raise ConfigError('--resume continues the saved config; drop the other options')
+        return config_cls()
+    return resolve_config(recipe, overrides, config_cls=config_cls)

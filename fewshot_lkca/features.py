@@ -25,16 +25,18 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, batch_size: int)
 
 
 class RawImages:
-    """The raw HxWx3 arrays of a data set, by index (`ImageDataset.load`, skipping its transform)."""
+    """The raw HxWx3 arrays of a data set, by index (`ImageDataset.load`, skipping its transform); ``mirror`` flips
+    them left-right (a mirrored object is the same object)."""
 
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset, mirror: bool = False) -> None:
+        self.dataset, self.mirror = dataset, mirror
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        return self.dataset.load(index)
+        image = self.dataset.load(index)
+        return image[:, ::-1].copy() if self.mirror else image
 
 
 @torch.inference_mode()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .config import ConfigError, FinetuneConfig, parse_cli, resolve_config
+from .config import ConfigError, FinetuneConfig, config_for_command, parse_cli
 from .errors import DataError
 from .freezing import freeze_groups, set_batchnorm_eval
 from .heads import CosineHead, FewShotClassifier
@@ -329,12 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = _parse(argv)
-        if args.resume is not None:
-            cfg = FinetuneConfig()  # replaced by the run's saved config
-            if overrides or args.recipe:
-                raise ConfigError('--resume continues the saved config; drop the other options')
-        else:
-            cfg = resolve_config(args.recipe, overrides)
+        cfg = config_for_command(args.recipe, overrides, args.resume)
         set_threads(args.threads)
         with quiet_console():
             finetune_command(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

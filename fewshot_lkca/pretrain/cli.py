@@ -5,7 +5,7 @@ import os
 import sys
 
 from ..checkpoint import CheckpointError
-from ..config import ConfigError, parse_cli, resolve_config
+from ..config import ConfigError, config_for_command, parse_cli
 from ..console import quiet_console
 from ..errors import DataError
 from ..models.factory import BackboneError
@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = _parse(argv)
-        if args.resume is not None:
-            if overrides or args.recipe:
-                raise ConfigError('--resume continues the saved config; drop the other options')
-            cfg = PretrainConfig()  # replaced by the run's saved config
-        else:
-            cfg = resolve_config(args.recipe, overrides, config_cls=PretrainConfig)
+        cfg = config_for_command(args.recipe, overrides, args.resume, PretrainConfig)
         set_threads(args.threads)
         with quiet_console():
             pretrain_command(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
