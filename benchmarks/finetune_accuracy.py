@@ -8,7 +8,7 @@ cancels), and how often the guard reverted to the prototypes::
 
     python -m benchmarks.finetune_accuracy --split val --tasks 50           # choose: val classes only
     python -m benchmarks.finetune_accuracy --split novel --tasks 100        # report, once
-    python -m benchmarks.finetune_accuracy --recipes lean_5shot,protonet --tasks 5 --set augment=false
+    python -m benchmarks.finetune_accuracy --recipes lean_5shot,protonet --tasks 5 --set augment=none
 
 The starting point is the main job's (``weights=auto``: the shipped checkpoint for the look-alike set); pass
 ``--set`` overrides (``key=value``) to change it or any recipe field for every recipe.
@@ -39,7 +39,8 @@ def run_tasks(recipes: list[str], tasks: int, overrides: dict[str, str], out: Pa
         for recipe in recipes:
             base = FinetuneConfig() if recipe == 'default' else load_recipe(recipe)  # 'default': the job's own
             cfg = apply_overrides(base, overrides, source='--set', from_text=True)
-            cfg = apply_overrides(cfg, dict(seed=task, out=str(out / f'{recipe}-task{task}'), export=[]),
+            cfg = apply_overrides(cfg, dict(seed=task, out=str(out / f'{recipe}-task{task}'), export=[],
+                                            protocol='episode'),
                                   source='bench')  # accuracy only: no artifacts
             metrics = finetune_command(cfg.validate(), overwrite=True, progress=progress, log=lambda *_: None)
             results[recipe].append(metrics['episodes']['mean'])

@@ -162,7 +162,7 @@ def build_setup(cfg: FinetuneConfig, image_size: int = 224, n_way: int = 5, k_sh
     model = build_classifier(backbone, support_x, support_y, cfg)
     if cfg.method == 'protonet':
         return Setup(cfg, model, None, support_x, support_x, support_y)
-    set_trainable(model, cfg)
+    set_trainable(model, cfg, image_size)
     opt = make_optimizer(model, cfg)
     batch = torch.randperm(len(support_x), generator=g)[:min(cfg.batch_size, len(support_x))]
     return Setup(cfg, model, opt, support_x, support_x[batch], support_y[batch])

@@ -207,7 +207,7 @@ def _child(spec: dict) -> dict:
     support_x = torch.randn(cfg.n_way * cfg.k_shot, 3, spec['size'], spec['size'], generator=g)
     support_y = torch.arange(cfg.n_way).repeat_interleave(cfg.k_shot)
     model = build_classifier(backbone, support_x, support_y, cfg)
-    set_trainable(model, cfg)
+    set_trainable(model, cfg, spec['size'])
     opt = make_optimizer(model, cfg)
     batch = torch.randperm(len(support_x), generator=g)[:cfg.batch_size]
     images, labels = support_x[batch], support_y[batch]

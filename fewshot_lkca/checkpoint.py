@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import restore_adapters
 from .files import atomic_write
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'atomic_write', 'load_backbone']
@@ -88,6 +89,7 @@ def load_backbone(model: str, weights: str) -> tuple[nn.Module, dict, str]:
     kind = 'fine-tuned; its head is not used' if any(k.startswith('head.') for k in tensors) else \
         meta.get('kind', 'backbone checkpoint')
     tensors = {k.removeprefix('backbone.'): v for k, v in tensors.items() if not k.startswith('head.')}
+    restore_adapters(backbone, tensors)  # a fine-tuned model's residual adapters, where its recipe had them
     missing, unexpected = backbone.load_state_dict(tensors, strict=False)
     unexpected = [k for k in unexpected if not k.startswith('classifier.')]
     if missing or unexpected:

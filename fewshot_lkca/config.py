@@ -34,6 +34,10 @@ class FinetuneConfig:
     # --- the task ---
     data: str = 'lookalike'  # built-in look-alike set: needs no download
     split: str = 'novel'  # the task's classes come from the split the backbone never trained on
+    # 'episode': n_way classes drawn, k_shot images each train, the rest are held out (data set cards, benchmarks);
+    # 'all': every class and image of a folder train, and the run estimates accuracy on images it never trained on
+    # (fewshot_lkca.estimate); 'auto': 'all' for a plain folder of class folders, else 'episode' (fewshot_lkca.task)
+    protocol: str = 'auto'
     n_way: int = 5  # classes to tell apart
     k_shot: int = 5  # labelled images per class (the support set)
     n_query: int = 15  # held-out images per class in each evaluation episode (the literature's 15)
@@ -59,8 +63,9 @@ class FinetuneConfig:
     # mirror views 74.9 %, protonet 73.1, tinytl_5shot 72.8, lean_5shot 70.8, every head-training grid point <= 73.1.
     method: str = 'protonet'
     frozen_groups: int = 4  # leading timm group_matcher groups kept frozen: stem + stages 0-2 (generic features)
-    # of the groups past frozen_groups: 'all' parameters, or 'bias_norm' (biases and norm scales/shifts: TinyTL,
-    # Cai et al. 2020; a few thousand parameters, and no weight gradients to store)
+    # of the groups past frozen_groups: 'all' parameters, 'adapters' (zero-initialised 1x1 residual adapters beside
+    # each block, fewshot_lkca.adapters: the pretrained weights stay) or 'bias_norm' (biases, norm scales/shifts:
+    # TinyTL, Cai et al. 2020; a few thousand parameters, and no weight gradients to store)
     train_params: str = 'all'
     freeze_bn_stats: bool = True  # batch statistics of 2-4 images are noise: keep the pretrained running stats
     grad_checkpointing: bool = True  # recompute trainable blocks' activations in backward: less memory
@@ -87,9 +92,10 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     warmup_steps: int = 5
     label_smoothing: float = 0.1  # 25 images are easy to memorise: soften the targets
-    # albumentations pipeline for tiny support sets (fewshot_lkca.data.train_transform). Single look-alike tasks
-    # disagree on it (+12.7 and -9.6 points on two draws): a multi-task benchmark has to settle the default.
-    augment: bool = True
+    # what the support images go through while training: 'mirror' (a left-right flip half of the time: what base
+    # pretraining saw), 'strong' (fewshot_lkca.data.train_transform: crops down to half the area, rotation, shear,
+    # colour, blur, JPEG; the trunk recipes were measured with it) or 'none'
+    augment: str = 'mirror'
 
     # --- evaluation and output ---
     eval_batch_size: int = 4  # prototypes and evaluation in small batches: inference must not set the job's peak
@@ -115,7 +121,9 @@ class FinetuneConfig:
         if self.n_query < 1:
             raise ConfigError(f'n_query must be >= 1 to evaluate, got {self.n_query}')
         choices = dict(method=('finetune', 'linear_probe', 'protonet'), optimizer=('sgd', 'adamw'),
-                       head_init=('prototypes', 'random'), train_params=('all', 'bias_norm'))
+                       head_init=('prototypes', 'random'), train_params=('all', 'bias_norm', 'adapters'),
+                       augment=('none', 'mirror', 'strong'),
+                       protocol=('auto', 'episode', 'all'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got '{getattr(self, name)}'")
@@ -309,4 +317,8 @@ def config_for_command(recipe: str | None, overrides: dict[str, str], resume, co
         if overrides or recipe:
             raise ConfigError('--resume continues the saved config; drop the other options')
         return config_cls()
-    return resolve_config(recipe, overrides, config_cls=config_cls)
+    cfg = resolve_config(recipe, overrides, config_cls=config_cls)
+    episode_options = {'n_way', 'k_shot', 'n_query'} & set(overrides)
+    if getattr(cfg, 'protocol', None) == 'auto' and episode_options:
+        cfg = dataclasses.replace(cfg, protocol='episode')  # --ways / --shots / --queries ask for episodes
+    return cfg

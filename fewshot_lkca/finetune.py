@@ -14,6 +14,7 @@ Examples::
     python -m fewshot_lkca.finetune --resume runs/lookalike-lkca_mobilenet-5w5s-seed0
 """
 import argparse
+import copy
 import dataclasses
 import logging
 import sys
@@ -23,14 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import adapter_blocks, add_adapters
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .config import ConfigError, FinetuneConfig, config_for_command, parse_cli
 from .errors import DataError
-from .freezing import freeze_groups, set_batchnorm_eval
+from .estimate import cross_validate, estimate_metrics, plan_estimate
+from .freezing import freeze_groups, frozen_parameter_names, set_batchnorm_eval
 from .heads import CosineHead, FewShotClassifier
 from .metadata import preprocessing
 from .models.factory import BackboneError
-from .report import evaluate_task, plot_run, summary
+from .report import evaluate_task, plot_run, predict_pool, summary, task_line
 from .rundir import (
     METRICS_FILE,
     MODEL_FILE,
@@ -43,9 +46,9 @@ from .rundir import (
 )
 from .seeding import derive_seed
 from .starting_point import start_backbone
-from .task import Task, build_task, default_out, load_images
+from .task import Task, build_task, default_out, load_images, protocol
 from .threads import set_threads
-from .train import create_optimizer, create_scheduler
+from .train import balanced_weights, create_optimizer, create_scheduler
 
 __all__ = ['build_parser', 'finetune_command', 'main', 'build_classifier', 'set_trainable', 'train_mode',
            'make_optimizer', 'train_step']
@@ -53,12 +56,17 @@ __all__ = ['build_parser', 'finetune_command', 'main', 'build_classifier', 'set_
 _logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ the model
-def set_trainable(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
+def set_trainable(model: FewShotClassifier, cfg: FinetuneConfig, image_size: int) -> None:
     """The recipe's trainable parameters: the head always; the trunk past ``frozen_groups`` when fine-tuning (only
-    its biases and norm scales and shifts with ``train_params='bias_norm'``, as TinyTL)."""
+    its biases and norm scales and shifts with ``train_params='bias_norm'``, as TinyTL; only new zero-initialised
+    residual adapters beside its blocks with ``train_params='adapters'``, `fewshot_lkca.adapters`)."""
     backbone = model.backbone
     if cfg.method != 'finetune':
         backbone.requires_grad_(False)
+    elif cfg.train_params == 'adapters':
+        names = adapter_blocks(backbone, frozen_parameter_names(backbone, cfg.frozen_groups))
+        backbone.requires_grad_(False)
+        add_adapters(backbone, names, image_size)  # new parameters: trainable
     else:
         freeze_groups(backbone, cfg.frozen_groups)
         if cfg.train_params == 'bias_norm':
@@ -75,46 +83,63 @@ def train_mode(model: FewShotClassifier, cfg: FinetuneConfig) -> None:
         set_batchnorm_eval(model.backbone)
 
 
-def build_classifier(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
-                     cfg: FinetuneConfig) -> FewShotClassifier:
-    """Backbone + cosine head (from the support set's prototypes, unless ``head_init='random'``)."""
+def build_classifier(backbone: nn.Module, support, support_y: torch.Tensor, cfg: FinetuneConfig) -> FewShotClassifier:
+    """Backbone + cosine head (from the support set's prototypes, unless ``head_init='random'``); ``support``: the
+    support images as one tensor, or an iterable of batches (`_batches`: never all of them in memory at once)."""
     feature_dim = getattr(backbone, 'head_hidden_size', None) or backbone.num_features  # pre-logits width
-    model = FewShotClassifier(backbone, CosineHead(feature_dim, cfg.n_way, scale=cfg.head_scale), cfg.mirror_views)
+    n_classes = int(support_y.max()) + 1 if len(support_y) else cfg.n_way
+    model = FewShotClassifier(backbone, CosineHead(feature_dim, max(cfg.n_way, n_classes), scale=cfg.head_scale),
+                              cfg.mirror_views)
     if cfg.head_init == 'prototypes':
-        model.head.init_from_prototypes(_features(model, support_x, cfg.eval_batch_size), support_y)
+        model.head.init_from_prototypes(_features(model, support, cfg.eval_batch_size), support_y)
     return model
 
 
+def _batches(task: Task, indices: list[int], transform, batch_size: int):
+    """Images ``indices`` of the task's data set through ``transform``, ``batch_size`` at a time (re-iterable)."""
+    return [lambda i=i: load_images(task.dataset, indices[i:i + batch_size], transform)
+            for i in range(0, len(indices), batch_size)]
+
+
 @torch.no_grad()
-def _features(model: FewShotClassifier, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """What the head reads (both views' with ``mirror_views``), in eval mode, ``batch_size`` images at a time."""
+def _features(model: FewShotClassifier, images, batch_size: int) -> torch.Tensor:
+    """What the head reads (both views' with ``mirror_views``), in eval mode: of a tensor, ``batch_size`` images at a
+    time, or of `_batches`."""
     model.eval()
-    return torch.cat([model.features(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
+    if isinstance(images, torch.Tensor):
+        return torch.cat([model.features(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
+    return torch.cat([model.features(load()).float() for load in images])
 
 
 def train_step(model: FewShotClassifier, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               cfg: FinetuneConfig) -> tuple[float, float]:
+               cfg: FinetuneConfig, weight: torch.Tensor | None = None) -> tuple[float, float]:
     """One optimizer step on ``images``, in micro-batches of ``batch_size`` whose gradients add up (so memory is that
-    of one micro-batch); returns (loss, accuracy) over all of them."""
+    of one micro-batch); ``weight``: per-class loss weights (`balanced_weights`). Returns (loss, accuracy)."""
     train_mode(model, cfg)
     opt.zero_grad(set_to_none=True)
     total, right = 0.0, 0
     for start in range(0, len(images), cfg.batch_size):
         x, y = images[start:start + cfg.batch_size], labels[start:start + cfg.batch_size]
         logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        (loss * len(y) / len(images)).backward()
-        total += loss.item() * len(y)
+        losses = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction='none')
+        if weight is not None:
+            losses = losses * weight[y]
+        (losses.sum() / len(images)).backward()
+        total += losses.sum().item()
         right += int((logits.argmax(1) == y).sum())
     opt.step()
     return total / len(images), right / len(images)
 
 
-def _load_images(task: Task, indices: list[int], transform) -> torch.Tensor:
-    return load_images(task.dataset, indices, transform)
+def _support_transform(backbone: nn.Module, augment: str, size: int, eval_tf):
+    """The training transform of the support images (``augment='none'``: their evaluation transform)."""
+    from .data import mirror_transform, train_transform
+
+    choices = dict(mirror=mirror_transform, strong=train_transform)
+    return choices[augment](backbone, size=size) if augment in choices else eval_tf
 
 
-# ------------------------------------------------------------------------------------------------ the run
+# ------------------------------------------------------------------------------------------------ fitting
 def make_optimizer(model: FewShotClassifier, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """The head at ``lr * head_lr_scale`` (it is new), the trainable trunk at ``lr``."""
     trunk = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -124,35 +149,66 @@ def make_optimizer(model: FewShotClassifier, cfg: FinetuneConfig) -> torch.optim
     return create_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
 
 
-def _save_state(run: RunDir, model, opt, step: int, meta: dict) -> None:
+def _save_state(run: RunDir | None, model, opt, step: int, meta: dict) -> None:
+    if run is None:  # a model of the accuracy estimate: nothing to resume
+        return
     save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=step))
     atomic_write(run.path(STATE_FILE), lambda tmp: torch.save(dict(step=step, optimizer=opt.state_dict()), tmp))
 
 
-def _open_run(cfg: FinetuneConfig, resume: Path | None, overwrite: bool) -> tuple[FinetuneConfig, RunDir, int]:
-    """The config, run directory and first step: a new run (checked, not yet written) or a resumed one."""
-    if resume is None:
-        out = cfg.out or default_out(cfg.data, cfg.model, f'{cfg.n_way}w{cfg.k_shot}s', cfg.method, f'seed{cfg.seed}')
-        cfg = dataclasses.replace(cfg, out=str(out))
-        return cfg, new_run(cfg.out, overwrite), 0
-    cfg, run = open_resumed(resume, FinetuneConfig)
-    step = 0
-    if run.path(STATE_FILE).is_file() and run.path(MODEL_FILE).is_file():
-        step = int(torch.load(run.path(STATE_FILE), weights_only=True)['step'])
-    return cfg, run, step
+def fit(cfg: FinetuneConfig, backbone: nn.Module, task: Task, eval_tf, run: RunDir | None = None,
+        start_step: int = 0, meta: dict | None = None, progress: bool = False, log=print) -> tuple:
+    """The recipe on ``task``'s support set: the prototype head, then the linear probe or training (guarded).
+
+    ``run``: the run directory that logs, checkpoints and resumes from ``start_step``; None for a model of the
+    accuracy estimate (`fewshot_lkca.estimate`), which keeps nothing. Returns the model and what to report of it.
+    """
+    support_y = torch.tensor(task.support_y)
+    support = _batches(task, task.support_idx, eval_tf, cfg.eval_batch_size)
+    model = build_classifier(backbone, support, support_y, cfg)
+    weight = balanced_weights(support_y, model.head.weight.shape[0])
+    steps = cfg.steps if cfg.method != 'protonet' else 0
+    if cfg.method == 'linear_probe':  # a frozen backbone: the head trains on the support set's features, cached
+        return model, _probe(model, support, support_y, cfg, log)
+    set_trainable(model, cfg, task.image_size)
+    start = {k: v.clone() for k, v in model.state_dict().items()}  # what the guard falls back to (adapters at 0)
+    opt = make_optimizer(model, cfg)
+    if start_step:
+        tensors, _ = load_checkpoint(run.path(MODEL_FILE))
+        model.load_state_dict(tensors)
+        opt.load_state_dict(torch.load(run.path(STATE_FILE), weights_only=True)['optimizer'])
+        run.trim_log(start_step)
+        log(f'resuming at step {start_step} of {steps}')
+    train_tf = _support_transform(backbone, cfg.augment, task.image_size, eval_tf)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    views = ', each image and its mirror image' if cfg.mirror_views else ''
+    if steps == 0:
+        log(f'recipe: {cfg.method}: the class prototypes of the support set{views}, no training')
+    else:
+        what = cfg.method + (f' ({cfg.train_params})' if cfg.method == 'finetune' and cfg.train_params != 'all' else '')
+        log(f'recipe: {what}, {trainable / 1e6:.3f} M trainable parameters, batch {cfg.batch_size}, {steps} '
+            f'steps' + (f', first {cfg.frozen_groups} parameter groups frozen' if cfg.method == 'finetune' else '')
+            + views)
+    losses = _train(model, opt, task, cfg, run, (start_step, steps), (train_tf, support_y, weight), meta, progress)
+    if run is not None:
+        losses = [r['loss'] for r in run.records()]  # with the steps before a resume
+    guard = _guard_trunk(model, start, support, support_y, losses, cfg, log) if cfg.guard and steps else None
+    if run is not None and guard is not None and guard['kept'] == 'prototypes':
+        save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=0, guard='reverted'))
+    return model, dict(trainable_parameters=trainable, steps=steps, guard=guard)
 
 
-def _train(model: FewShotClassifier, opt, task: Task, cfg: FinetuneConfig, run: RunDir, start_step: int, steps: int,
-           tfs: tuple, meta: dict, progress: bool) -> None:
-    """Steps ``start_step`` .. ``steps`` on the support set, logged, checkpointed, resumable after Ctrl-C."""
+def _train(model: FewShotClassifier, opt, task: Task, cfg: FinetuneConfig, run: RunDir | None, span: tuple,
+           labels: tuple, meta: dict, progress: bool) -> list[float]:
+    """Steps ``span = (start, end)`` on the support set, logged, checkpointed, resumable after Ctrl-C (with a run);
+    returns the losses of these steps."""
     from tqdm.auto import tqdm
 
-    train_tf, support_x, support_y = tfs
+    (step, steps), (train_tf, support_y, weight) = span, labels
     scheduler = create_scheduler(opt, steps, cfg.warmup_steps) if steps else None
-    step = start_step
+    losses = []
     try:
-        bar = tqdm(total=steps, initial=start_step, desc='fine-tuning', disable=not progress or steps == 0,
-                   unit='step')
+        bar = tqdm(total=steps, initial=step, desc='fine-tuning', disable=not progress or steps == 0, unit='step')
         while step < steps:
             # Everything random at step t comes from (seed, t): a resumed run replays the same batches.
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, step))
@@ -161,80 +217,32 @@ def _train(model: FewShotClassifier, opt, task: Task, cfg: FinetuneConfig, run: 
                 train_tf.set_random_seed(derive_seed(cfg.seed, step))
             # accumulate: every support image each step, in micro-batches; else one random micro-batch per step
             batch = torch.randperm(len(task.support_idx), generator=g)[:None if cfg.accumulate else cfg.batch_size]
-            images = (_load_images(task, [task.support_idx[i] for i in batch], train_tf) if cfg.augment
-                      else support_x[batch])
+            images = load_images(task.dataset, [task.support_idx[i] for i in batch], train_tf)
             scheduler.step_update(step)
-            loss, batch_acc = train_step(model, opt, images, support_y[batch], cfg)
+            loss, batch_acc = train_step(model, opt, images, support_y[batch], cfg, weight)
             step += 1
-            run.log(dict(step=step, loss=round(loss, 5), lr=opt.param_groups[0]['lr'], batch_acc=batch_acc,
-                         time=time.time()))
+            losses.append(loss)
+            if run is not None:
+                run.log(dict(step=step, loss=round(loss, 5), lr=opt.param_groups[0]['lr'], batch_acc=batch_acc,
+                             time=time.time()))
             bar.update(1)
             bar.set_postfix(loss=f'{loss:.3f}')
             if step % cfg.checkpoint_every == 0 or step == steps:
                 _save_state(run, model, opt, step, meta)
         bar.close()
     except KeyboardInterrupt:
+        if run is None:
+            raise
         _save_state(run, model, opt, step, meta)
         raise SystemExit(f'\ninterrupted at step {step}; continue with: python -m fewshot_lkca.finetune '
                          f'--resume {run.root}') from None
     if steps == 0:
         _save_state(run, model, opt, 0, meta)
+    return losses
 
 
-def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite: bool = False,
-                     progress: bool = True, log=print) -> dict:
-    """Run (or resume) one fine-tuning job; returns the metrics written to ``metrics.json``."""
-    from .data import eval_transform, train_transform
-
-    cfg, run, start_step = _open_run(cfg, resume, overwrite)
-    torch.manual_seed(cfg.seed)
-    task = build_task(cfg)  # bad data fails here, before a run directory is written
-    if resume is None:
-        run.start(cfg)
-    log(f'task: {cfg.n_way}-way {cfg.k_shot}-shot on {cfg.data} ({cfg.split}): {", ".join(task.class_names)}; '
-        f'{len(task.pool_idx)} held-out images')
-    backbone, origin = start_backbone(cfg, task.image_size, log, progress)
-    log(f'weights: {origin}')
-    eval_tf = eval_transform(backbone, size=task.image_size)
-    support_x = _load_images(task, task.support_idx, eval_tf)
-    support_y = torch.tensor(task.support_y)
-    model = build_classifier(backbone, support_x, support_y, cfg)
-    meta = dict(model=cfg.model, classes=task.class_names, **preprocessing(backbone.pretrained_cfg, task.image_size),
-                weights=origin, data=cfg.data, mirror_views=cfg.mirror_views)
-
-    steps = cfg.steps if cfg.method != 'protonet' else 0
-    if cfg.method == 'linear_probe':  # a frozen backbone: the head trains on the support set's features, cached
-        extra = _probe(model, support_x, support_y, cfg, log)
-        save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=cfg.steps))
-        return _finish(model, extra, task, cfg, run, meta, eval_tf, origin, progress, log)
-    start = {k: v.clone() for k, v in model.state_dict().items()}  # what the guard falls back to
-    set_trainable(model, cfg)
-    opt = make_optimizer(model, cfg)
-    if start_step:
-        tensors, _ = load_checkpoint(run.path(MODEL_FILE))
-        model.load_state_dict(tensors)
-        opt.load_state_dict(torch.load(run.path(STATE_FILE), weights_only=True)['optimizer'])
-        run.trim_log(start_step)
-        log(f'resuming at step {start_step} of {steps}')
-    train_tf = train_transform(backbone, size=task.image_size) if cfg.augment else eval_tf
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    views = ', each image and its mirror image' if cfg.mirror_views else ''
-    if steps == 0:
-        log(f'recipe: {cfg.method}: the class prototypes of the support set{views}, no training')
-    else:
-        log(f'recipe: {cfg.method}, {trainable / 1e6:.3f} M trainable parameters, batch {cfg.batch_size}, {steps} '
-            f'steps' + (f', first {cfg.frozen_groups} parameter groups frozen' if cfg.method == 'finetune' else '')
-            + views)
-    _train(model, opt, task, cfg, run, start_step, steps, (train_tf, support_x, support_y), meta, progress)
-    guard = _guard_trunk(model, start, support_x, support_y, run, cfg, log) if cfg.guard and steps else None
-    if guard is not None and guard['kept'] == 'prototypes':
-        save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=0, guard='reverted'))
-    return _finish(model, dict(trainable_parameters=trainable, steps=steps, guard=guard), task, cfg, run, meta,
-                   eval_tf, origin, progress, log)
-
-
-def _guard_trunk(model: FewShotClassifier, start: dict, support_x: torch.Tensor, support_y: torch.Tensor,
-                 run: RunDir, cfg: FinetuneConfig, log) -> dict:
+def _guard_trunk(model: FewShotClassifier, start: dict, support, support_y: torch.Tensor, losses: list[float],
+                 cfg: FinetuneConfig, log) -> dict:
     """Keep the fine-tuned model only if its support loss fell and leave-one-out nearest-prototype accuracy on the
     support set did not drop; else go back to the prototype classifier it started from.
 
@@ -243,13 +251,13 @@ def _guard_trunk(model: FewShotClassifier, start: dict, support_x: torch.Tensor,
     """
     from .probe import loo_accuracy
 
-    losses = [r['loss'] for r in run.records()]
+    n_classes = model.head.weight.shape[0]
     tenth = max(1, len(losses) // 10)
     loss_fell = sum(losses[-tenth:]) / tenth < sum(losses[:tenth]) / tenth
-    after = loo_accuracy(_features(model, support_x, cfg.eval_batch_size), support_y, cfg.n_way)
+    after = loo_accuracy(_features(model, support, cfg.eval_batch_size), support_y, n_classes)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(start)
-    before = loo_accuracy(_features(model, support_x, cfg.eval_batch_size), support_y, cfg.n_way)
+    before = loo_accuracy(_features(model, support, cfg.eval_batch_size), support_y, n_classes)
     worse = after is not None and after < before
     if loss_fell and not worse:
         model.load_state_dict(trained)
@@ -264,17 +272,17 @@ def _guard_trunk(model: FewShotClassifier, start: dict, support_x: torch.Tensor,
     return dict(kept=kept, reason=reason, loo_before=before, loo_after=after, support_loss_fell=loss_fell)
 
 
-def _probe(model: FewShotClassifier, support_x: torch.Tensor, support_y: torch.Tensor, cfg: FinetuneConfig,
-           log) -> dict:
+def _probe(model: FewShotClassifier, support, support_y: torch.Tensor, cfg: FinetuneConfig, log) -> dict:
     """The linear probe: the cosine head trained on cached support features, kept if the guard agrees."""
     from .probe import fit_head, guard_head
 
-    features = _features(model, support_x, cfg.eval_batch_size)
+    features = _features(model, support, cfg.eval_batch_size)
+    n_classes = model.head.weight.shape[0]
     fit = dict(lr=cfg.lr * cfg.head_lr_scale, scale=cfg.head_scale, label_smoothing=cfg.label_smoothing,
                anchor=cfg.probe_anchor)
-    guard = guard_head(features, support_y, cfg.n_way, cfg.steps, **fit) if cfg.guard and cfg.steps else None
+    guard = guard_head(features, support_y, n_classes, cfg.steps, **fit) if cfg.guard and cfg.steps else None
     if guard is None or guard['kept'] == 'trained':
-        model.head = fit_head(features, support_y, cfg.n_way, cfg.steps, **fit)
+        model.head = fit_head(features, support_y, n_classes, cfg.steps, **fit)
     if guard is not None:
         log(f'guard: kept the {guard["kept"]} head ({guard["reason"]})')
     trainable = sum(p.numel() for p in model.head.parameters())
@@ -283,12 +291,60 @@ def _probe(model: FewShotClassifier, support_x: torch.Tensor, support_y: torch.T
     return dict(trainable_parameters=trainable, steps=cfg.steps, guard=guard)
 
 
-def _finish(model: FewShotClassifier, extra: dict, task: Task, cfg: FinetuneConfig, run: RunDir, meta: dict, eval_tf,
-            origin: str, progress: bool, log) -> dict:
-    """Evaluate, write metrics.json and the PNGs, print the summary, export: the end of every recipe."""
-    if not run.path(MODEL_FILE).is_file() or extra.get('guard') is not None:
+# ------------------------------------------------------------------------------------------------ the run
+def _open_run(cfg: FinetuneConfig, resume: Path | None, overwrite: bool) -> tuple[FinetuneConfig, RunDir, int]:
+    """The config, run directory and first step: a new run (checked, not yet written) or a resumed one."""
+    if resume is None:
+        shape = 'all' if protocol(cfg) == 'all' else f'{cfg.n_way}w{cfg.k_shot}s'
+        out = cfg.out or default_out(cfg.data, cfg.model, shape, cfg.method, f'seed{cfg.seed}')
+        cfg = dataclasses.replace(cfg, out=str(out))
+        return cfg, new_run(cfg.out, overwrite), 0
+    cfg, run = open_resumed(resume, FinetuneConfig)
+    step = 0
+    if run.path(STATE_FILE).is_file() and run.path(MODEL_FILE).is_file():
+        step = int(torch.load(run.path(STATE_FILE), weights_only=True)['step'])
+    return cfg, run, step
+
+
+def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite: bool = False,
+                     progress: bool = True, log=print) -> dict:
+    """Run (or resume) one fine-tuning job; returns the metrics written to ``metrics.json``."""
+    from .data import eval_transform
+
+    cfg, run, start_step = _open_run(cfg, resume, overwrite)
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg)  # bad data fails here, before a run directory is written
+    if task.protocol == 'all':
+        cfg = dataclasses.replace(cfg, protocol='all', n_way=len(task.class_names))
+    if resume is None:
+        run.start(cfg)
+    log(task_line(cfg, task))
+    backbone, origin = start_backbone(cfg, task.image_size, log, progress)
+    log(f'weights: {origin}')
+    eval_tf = eval_transform(backbone, size=task.image_size)
+    meta = dict(model=cfg.model, classes=task.class_names, **preprocessing(backbone.pretrained_cfg, task.image_size),
+                weights=origin, data=cfg.data, mirror_views=cfg.mirror_views)
+    plan = plan_estimate(task, cfg.seed) if task.protocol == 'all' else None
+    scored = None
+    if plan is not None and plan.folds:  # models of the estimate first: each from its own copy of the start
+        def fit_and_predict(sub: Task) -> torch.Tensor:
+            model, _ = fit(cfg, copy.deepcopy(backbone), sub, eval_tf, log=lambda *_: None)
+            return predict_pool(model, sub, eval_tf, cfg.eval_batch_size)
+
+        scored = cross_validate(task, plan, fit_and_predict, log)
+    model, extra = fit(cfg, backbone, task, eval_tf, run, start_step, meta, progress, log)
+    if plan is not None and scored is None:  # train/val: the delivered model classifies val
+        scored = predict_pool(model, task, eval_tf, cfg.eval_batch_size, progress), torch.tensor(task.pool_y)
+    metrics = (estimate_metrics(*scored, task, plan) if plan is not None else
+               evaluate_task(model, task, cfg, eval_tf, progress))
+    return _finish(model, metrics, extra, task, cfg, run, meta, origin, log)
+
+
+def _finish(model: FewShotClassifier, metrics: dict, extra: dict, task: Task, cfg: FinetuneConfig, run: RunDir,
+            meta: dict, origin: str, log) -> dict:
+    """Write the checkpoint, metrics.json and the PNGs, print the summary, export: the end of every recipe."""
+    if not run.path(MODEL_FILE).is_file() or extra.get('guard') is not None or cfg.method == 'linear_probe':
         save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=extra['steps']))
-    metrics = evaluate_task(model, task, cfg, eval_tf, progress)
     metrics.update(weights=origin, run_dir=str(run.root), **extra)
     plot_run(run, metrics, task.class_names, log)
     run.write_json(METRICS_FILE, metrics)

@@ -169,7 +169,7 @@ class OnnxClassifier:
     Example:
         >>> clf = OnnxClassifier('runs/my-run/model.onnx')  # doctest: +SKIP
         >>> clf.classify(['photo.jpg'], top_k=2)  # doctest: +SKIP
-        [{'image': 'photo.jpg', 'top': [{'class': 'knife-011', 'probability': 0.91}, ...]}]
+        [{'image': 'photo.jpg', 'top': [{'label': 'knife-011', 'probability': 0.91}, ...]}]
     """
 
     def __init__(self, path: str | os.PathLike, threads: int = 0):

@@ -19,7 +19,9 @@ from torch import nn
 
 from .heads import CosineHead
 
-__all__ = ['fit_head', 'loo_accuracy', 'GuardResult', 'guard_head']
+__all__ = ['fit_head', 'loo_accuracy', 'GuardResult', 'guard_head', 'LOO_LIMIT']
+
+LOO_LIMIT = 256  # leave-one-out scores at most this many support images
 
 
 def _fit_many(features: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, n_way: int, steps: int, lr: float,
@@ -29,7 +31,8 @@ def _fit_many(features: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
     Each head starts at its unit-length prototypes P and takes ``steps`` full-batch SGD steps (momentum 0.9) on
     cross-entropy of ``scale * cos(x, w_c)`` plus ``anchor * ||W - P||^2``, a pull back towards the prototypes (the
     prior a handful of images should not override). The temperature stays fixed: it does not change the argmax, and
-    learning it only sharpens the loss. Returns the unit-length class directions (B, n_way, D).
+    learning it only sharpens the loss. Each class weighs the same in a problem's loss, however many of its images
+    that problem trains on (unequal classes train balanced). Returns the unit-length class directions (B, n_way, D).
     """
     onehot = nn.functional.one_hot(labels, n_way).float()  # (N, C)
     weights = masks.float() @ onehot  # (B, C): images per class in each problem
@@ -40,13 +43,17 @@ def _fit_many(features: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
     direction = nn.Parameter(prior.clone())
     unit = nn.functional.normalize(features, dim=1)
     opt = torch.optim.SGD([direction], lr=lr, momentum=0.9)
-    counts = masks.float().sum(1).clamp(min=1)
+    # every class counts the same in each problem, however many of its images that problem trains on
+    images = masks.float().sum(1, keepdim=True)  # (B, 1)
+    present = (weights > 0).sum(1, keepdim=True)  # (B, 1)
+    per_image = masks.float() * images / (present * weights[:, labels]).clamp(min=1)  # (B, N); 1 when balanced
+    counts = images.squeeze(1).clamp(min=1)
     with torch.enable_grad():
         for _ in range(steps):
             logits = scale * unit @ nn.functional.normalize(direction, dim=-1).transpose(1, 2)  # (B, N, C)
             loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels.expand(len(masks), -1),
                                                label_smoothing=label_smoothing, reduction='none')  # (B, N)
-            loss = ((loss * masks).sum(1) / counts).sum() + anchor * (direction - prior).pow(2).sum()
+            loss = ((loss * per_image).sum(1) / counts).sum() + anchor * (direction - prior).pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -71,7 +78,8 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, n_way: int, steps: in
 
 def loo_accuracy(features: torch.Tensor, labels: torch.Tensor, n_way: int, steps: int = 0, lr: float = 0.1, *,
                  scale: float = 10.0, label_smoothing: float = 0.1, anchor: float = 0.0) -> float | None:
-    """Leave-one-out accuracy on the support set of the head `fit_head` makes (``steps=0``: the prototypes).
+    """Leave-one-out accuracy on the support set of the head `fit_head` makes (``steps=0``: the prototypes), over at
+    most ``LOO_LIMIT`` left-out images.
 
     All the leave-one-out heads train at once (`_fit_many`). Returns None when no image can be left out (every
     class has a single image).
@@ -81,6 +89,8 @@ def loo_accuracy(features: torch.Tensor, labels: torch.Tensor, n_way: int, steps
     left_out = (counts[labels] >= 2).nonzero().flatten()  # an image whose class keeps another one
     if len(left_out) == 0:
         return None
+    if len(left_out) > LOO_LIMIT:  # a big folder: an even spread of them (memory grows with their square)
+        left_out = left_out[torch.linspace(0, len(left_out) - 1, LOO_LIMIT).round().long()]
     masks = torch.ones(len(left_out), len(labels), dtype=torch.bool)
     masks[torch.arange(len(left_out)), left_out] = False
     direction = _fit_many(features, labels, masks, n_way, steps, lr, scale, label_smoothing, anchor)

@@ -7,19 +7,25 @@ from .metrics import confused_pairs, mean_ci, query_episode_accuracies
 from .rundir import CONFUSION_FILE, CURVE_FILE, LOG_FILE, RunDir
 from .task import Task, load_images
 
-__all__ = ['evaluate_task', 'plot_run', 'summary']
+__all__ = ['predict_pool', 'evaluate_task', 'task_line', 'plot_run', 'summary']
 
 
 @torch.no_grad()
-def evaluate_task(model: FewShotClassifier, task: Task, cfg: FinetuneConfig, eval_tf, progress: bool) -> dict:
+def predict_pool(model: FewShotClassifier, task: Task, eval_tf, batch_size: int,
+                 progress: bool = False) -> torch.Tensor:
+    """The model's class for each held-out image of the task, ``batch_size`` images at a time."""
     from tqdm.auto import tqdm
 
     model.eval()
-    preds = []
-    bs = cfg.eval_batch_size
-    for i in tqdm(range(0, len(task.pool_idx), bs), desc='evaluating', disable=not progress, unit='batch'):
-        preds.append(model(load_images(task.dataset, task.pool_idx[i:i + bs], eval_tf)).argmax(1))
-    pred = torch.cat(preds)
+    preds = [torch.zeros(0, dtype=torch.long)]
+    for i in tqdm(range(0, len(task.pool_idx), batch_size), desc='evaluating', disable=not progress, unit='batch'):
+        preds.append(model(load_images(task.dataset, task.pool_idx[i:i + batch_size], eval_tf)).argmax(1))
+    return torch.cat(preds)
+
+
+def evaluate_task(model: FewShotClassifier, task: Task, cfg: FinetuneConfig, eval_tf, progress: bool) -> dict:
+    """metrics.json of an episodic run: ``eval_episodes`` query draws from the held-out images."""
+    pred = predict_pool(model, task, eval_tf, cfg.eval_batch_size, progress)
     truth = torch.tensor(task.pool_y)
     correct = pred == truth
     accs = query_episode_accuracies(correct, truth, cfg.n_way, cfg.n_query, cfg.eval_episodes, cfg.seed)
@@ -39,6 +45,17 @@ def evaluate_task(model: FewShotClassifier, task: Task, cfg: FinetuneConfig, eva
     )
 
 
+def task_line(cfg: FinetuneConfig, task: Task) -> str:
+    """The first line of a run: which classes and images train, and which are held out."""
+    if task.protocol == 'all':
+        counts = torch.bincount(torch.tensor(task.support_y), minlength=len(task.class_names)).tolist()
+        return (f'data: every class and image of {cfg.data} ({task.layout}): {len(task.class_names)} classes, '
+                f'{sum(counts)} training images ({min(counts)}-{max(counts)} per class)'
+                + (f', {len(task.pool_idx)} val images' if task.pool_idx else ''))
+    return (f'task: {cfg.n_way}-way {cfg.k_shot}-shot on {cfg.data} ({cfg.split}): {", ".join(task.class_names)}; '
+            f'{len(task.pool_idx)} held-out images')
+
+
 def plot_run(run: RunDir, metrics: dict, names: list[str], log) -> None:
     from .plots import plot_confusion, plot_training_curve
 
@@ -49,10 +66,17 @@ def plot_run(run: RunDir, metrics: dict, names: list[str], log) -> None:
 
 
 def summary(metrics: dict, cfg: FinetuneConfig, run: RunDir, log) -> None:
-    ep = metrics['episodes']
     log('')
-    log(f'{cfg.n_way}-way {cfg.k_shot}-shot, {cfg.method}: accuracy {100 * ep["mean"]:.1f} +- {100 * ep["ci95"]:.1f} % '
-        f'(95% CI over {ep["n"]} episodes of {cfg.n_query} queries/class; chance {100 * metrics["chance"]:.0f} %)')
+    if 'estimate' in metrics:
+        log(_estimate_line(metrics, cfg))
+    else:
+        ep = metrics['episodes']
+        log(f'{cfg.n_way}-way {cfg.k_shot}-shot, {cfg.method}: accuracy {100 * ep["mean"]:.1f} +- '
+            f'{100 * ep["ci95"]:.1f} % (95% CI over {ep["n"]} episodes of {cfg.n_query} queries/class; chance '
+            f'{100 * metrics["chance"]:.0f} %)')
+    if not metrics['per_class_accuracy']:
+        log(f'run directory: {run.root} (metrics.json, model.safetensors)')
+        return
     worst = min(metrics['per_class_accuracy'].items(), key=lambda kv: kv[1])
     log(f'hardest class: {worst[0]} ({100 * worst[1]:.0f} %)'
         + (f'; most confused: {metrics["most_confused"][0]["true"]} -> {metrics["most_confused"][0]["predicted"]}'
@@ -61,6 +85,16 @@ def summary(metrics: dict, cfg: FinetuneConfig, run: RunDir, log) -> None:
     if typical:
         log(typical)
     log(f'run directory: {run.root} (metrics.json, model.safetensors, confusion.png)')
+
+
+def _estimate_line(metrics: dict, cfg: FinetuneConfig) -> str:
+    est, counts = metrics['estimate'], metrics['task']['training_images']
+    trained = f'{len(counts)} classes, {sum(counts.values())} training images, {cfg.method}'
+    if not est['images']:
+        return f'{trained}: no accuracy estimate (no class has two images to hold one out)'
+    low, high = est['ci95']
+    return (f'{trained}: estimated accuracy {100 * est["accuracy"]:.1f} % (95% interval {100 * low:.0f}-'
+            f'{100 * high:.0f} %; {est["description"]}; chance {100 * metrics["chance"]:.0f} %)')
 
 
 # What the job's defaults are measured with: when these match, the model card's figure over many tasks applies.

@@ -5,16 +5,24 @@ Three rules live here and nowhere else:
 * `dataset_options`: how a job reads a data set (the look-alike renderer's cache, size and count);
 * `input_size`: the model's input side (the option; else a checkpoint's; else the data's own, as rendered or as its
   card states, e.g. Omniglot's 105 px; else 224 px for photos);
-* the episode class check (`fewshot_lkca.data.usable_classes`), called by `build_task` before anything is written.
+* the episode class check (`fewshot_lkca.data.usable_classes`), called by `build_task` before anything is written;
+* `protocol`: a data set card (or a folder with split lists) gives the episodic protocol (``n_way`` classes drawn,
+  ``k_shot`` images each train, the rest are held out); a plain folder of class folders gives ``'all'``: every class
+  and every usable image train, and `fewshot_lkca.estimate` says how well the model does on images it never saw.
+  ``PHOTOS/train`` and ``PHOTOS/val`` beside each other are used as such.
 """
+import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ['Task', 'PHOTO_SIZE', 'is_folder', 'data_card', 'dataset_options', 'input_size', 'build_task',
-           'load_images', 'default_out']
+from .errors import DataError, DataWarning
+
+__all__ = ['Task', 'PHOTO_SIZE', 'is_folder', 'data_card', 'dataset_options', 'input_size', 'protocol',
+           'build_task', 'load_images', 'default_out']
 
 PHOTO_SIZE = 224  # a user's photos: the ImageNet input side the backbones were designed at
 
@@ -29,6 +37,8 @@ class Task:
     pool_idx: list[int]  # every other image of the task's classes
     pool_y: list[int]
     image_size: int
+    protocol: str = 'episode'  # 'episode' or 'all' (`protocol`)
+    layout: str = ''  # 'all': 'train/val' when the folder has both, else 'one folder'
 
 
 def is_folder(data: str) -> bool:
@@ -81,7 +91,58 @@ def input_size(data: str, image_size: int = 0, dataset=None, checkpoint_size: in
     return PHOTO_SIZE, 'default for photos'
 
 
+def protocol(cfg) -> str:
+    """'episode' for a data set card or a folder with the split's class list (``<split>.txt``), 'all' for a plain
+    folder of class folders; the ``protocol`` option, when not 'auto', decides."""
+    if cfg.protocol != 'auto':
+        return cfg.protocol
+    if not is_folder(cfg.data):
+        return 'episode'
+    return 'episode' if (Path(cfg.data).expanduser() / f'{cfg.split}.txt').is_file() else 'all'
+
+
 def build_task(cfg) -> Task:
+    """The task of ``cfg``'s protocol: an episode (`_episode_task`) or every class and image (`_whole_task`)."""
+    return _whole_task(cfg) if protocol(cfg) == 'all' else _episode_task(cfg)
+
+
+def _whole_task(cfg) -> Task:
+    """Every class and every usable image of a folder train; ``train/`` + ``val/`` beside each other: val's images
+    are the held-out pool, else there is none (`fewshot_lkca.estimate` holds images out itself)."""
+    from .data import ImageFolderDataset, get_dataset
+
+    root = Path(cfg.data).expanduser()
+    if (root / 'train').is_dir() and (root / 'val').is_dir():
+        train = get_dataset(root / 'train')
+        extra = sorted(p.name for p in (root / 'val').iterdir() if p.is_dir() and p.name not in train.classes
+                       and not p.name.startswith('.'))
+        if extra:
+            raise DataError(f'{root / "val"} has classes that {root / "train"} has not: {extra[:5]}')
+        in_val = [c for c in train.classes if (root / 'val' / c).is_dir()]
+        if len(in_val) < len(train.classes):
+            warnings.warn(f'{root / "val"} has no folder for {sorted(set(train.classes) - set(in_val))[:5]}: their '
+                          'accuracy is not estimated', DataWarning, stacklevel=2)
+        val = ImageFolderDataset(root / 'val', classes=in_val)
+        dataset, pool_idx, pool_y = _joined(train, val)
+        layout = 'train/val'
+    else:
+        dataset, pool_idx, pool_y, layout = get_dataset(cfg.data, split=cfg.split), [], [], 'one folder'
+    size, _ = input_size(cfg.data, cfg.image_size, dataset)
+    support_idx = list(range(len(dataset.targets) - len(pool_idx)))
+    return Task(dataset, list(dataset.classes), support_idx, [dataset.targets[i] for i in support_idx], pool_idx,
+                pool_y, size, 'all', layout)
+
+
+def _joined(train, val):
+    """One data set of train's images then val's (labels as train's), and the positions and labels of val's."""
+    joined = copy.copy(train)
+    labels = [train.classes.index(val.classes[t]) for t in val.targets]
+    joined.samples = list(train.samples) + list(val.samples)
+    joined.targets = list(train.targets) + labels
+    return joined, list(range(len(train.targets), len(joined.targets))), labels
+
+
+def _episode_task(cfg) -> Task:
     """Draw the task's classes and support set (episode 0 of the seed) and collect the held-out pool.
 
     Args:

@@ -38,12 +38,15 @@ COLOURS = {'red_disc': (200, 40, 40), 'green_bar': (40, 180, 60), 'blue_square':
 RING = {'yellow_ring': (230, 210, 40)}  # a fourth class for tests that need more ways
 
 
-def make_shapes_folder(root: Path, per_class: int = 12, classes: dict | None = None) -> Path:
-    """A tiny image folder: one class per coloured shape (disc, bar, square, ring) on noise, 48 px."""
+def make_shapes_folder(root: Path, per_class: int | dict = 12, classes: dict | None = None,
+                       mixed_formats: bool = False) -> Path:
+    """A tiny image folder: one class per coloured shape (disc, bar, square, ring) on noise, 48 px; ``per_class``: one
+    count for every class or a count per class name; ``mixed_formats``: PNG, JPEG and WebP in turn."""
     rng = np.random.default_rng(0)
+    formats = ('png', 'jpg', 'webp') if mixed_formats else ('png',)
     for name, colour in (classes or COLOURS).items():
         (root / name).mkdir(parents=True)
-        for i in range(per_class):
+        for i in range(per_class[name] if isinstance(per_class, dict) else per_class):
             image = Image.fromarray(rng.integers(0, 60, (48, 48, 3), dtype=np.uint8))
             draw = ImageDraw.Draw(image)
             x, y = rng.integers(4, 20, 2)
@@ -56,7 +59,7 @@ def make_shapes_folder(root: Path, per_class: int = 12, classes: dict | None = N
                 draw.ellipse(box, outline=colour, width=4)
             else:
                 draw.rectangle(box, fill=colour)
-            image.save(root / name / f'{i}.png')
+            image.save(root / name / f'{i}.{formats[i % len(formats)]}')
     return root
 
 

@@ -29,8 +29,8 @@ def test_the_expected_recipes_exist():
 def test_precedence_defaults_recipe_command_line():
     assert FinetuneConfig().k_shot == 5
     assert load_recipe('lean_1shot').k_shot == 1
-    cfg = resolve_config('lean_1shot', {'k_shot': '3', 'lr': '0.5', 'augment': 'false', 'export': 'onnx,onnx-int8'})
-    assert (cfg.k_shot, cfg.lr, cfg.augment, cfg.export) == (3, 0.5, False, ['onnx', 'onnx-int8'])
+    cfg = resolve_config('lean_1shot', {'k_shot': '3', 'lr': '0.5', 'augment': 'none', 'export': 'onnx,onnx-int8'})
+    assert (cfg.k_shot, cfg.lr, cfg.augment, cfg.export) == (3, 0.5, 'none', ['onnx', 'onnx-int8'])
     assert cfg.batch_size == load_recipe('lean_1shot').batch_size  # untouched fields keep the recipe's value
 
 
@@ -50,8 +50,8 @@ def test_wrong_types_are_refused(tmp_path):
     recipe.write_text('steps: "many"\n')
     with pytest.raises(ConfigError, match='steps must be an integer'):
         load_recipe(recipe)
-    recipe.write_text('augment: 3\n')
-    with pytest.raises(ConfigError, match='augment must be true or false'):
+    recipe.write_text('guard: 3\n')
+    with pytest.raises(ConfigError, match='guard must be true or false'):
         load_recipe(recipe)
     recipe.write_text('- a list\n')
     with pytest.raises(ConfigError, match='must be a mapping'):

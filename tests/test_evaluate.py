@@ -81,9 +81,10 @@ def test_fewshot_lkca_command_runs_evaluate(folder, capsys):
 
 def test_finetune_checkpoint_is_evaluated_with_its_backbone_and_preprocessing(folder, tmp_path):
     run = tmp_path / 'run'
-    ft = apply_overrides(FinetuneConfig(), dict(data=str(folder), out=str(run), n_way=3, k_shot=2, n_query=3,
+    ft = apply_overrides(FinetuneConfig(), dict(data=str(folder), out=str(run), protocol='episode', n_way=3, k_shot=2,
+                                                n_query=3,
                                                 weights='random', image_size=40, steps=2, batch_size=2,
-                                                eval_episodes=2, augment=False, export=[], method='finetune'),
+                                                eval_episodes=2, augment='none', export=[], method='finetune'),
                         source='test').validate()
     finetune_command(ft, progress=False, log=lambda *_: None)
     path = run / 'model.safetensors'

@@ -18,7 +18,8 @@ pytest.importorskip('onnxruntime')
 
 
 def _cfg(data: Path, out: Path, **changes) -> FinetuneConfig:
-    base = dict(data=str(data), out=str(out), n_way=3, k_shot=2, n_query=4, weights='random', image_size=32,
+    base = dict(data=str(data), out=str(out), protocol='episode', n_way=3, k_shot=2, n_query=4, weights='random',
+                image_size=32,
                 method='finetune', mirror_views=False, steps=2, batch_size=2, eval_episodes=2, export=[])
     return apply_overrides(FinetuneConfig(), dict(base, **changes), source='test').validate()
 

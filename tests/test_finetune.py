@@ -15,9 +15,10 @@ from fewshot_lkca.rundir import RunDir, RunError
 
 
 def _cfg(data: Path, out: Path, **changes) -> FinetuneConfig:
-    base = dict(data=str(data), out=str(out), n_way=3, k_shot=2, n_query=4, weights='random', image_size=32,
+    base = dict(data=str(data), out=str(out), protocol='episode', n_way=3, k_shot=2, n_query=4, weights='random',
+                image_size=32,
                 method='finetune', mirror_views=False, steps=8, batch_size=2, checkpoint_every=3, eval_episodes=20,
-                augment=True, export=[])
+                augment='strong', export=[])
     base.update(changes)
     return apply_overrides(FinetuneConfig(), base, source='test').validate()
 

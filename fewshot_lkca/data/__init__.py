@@ -19,7 +19,7 @@ from .episodes import Episode, EpisodePlan, EpisodeSampler, labelled_loader, usa
 from .folders import ImageFolderDataset, load_image
 from .lookalike import LookalikeDataset, lookalike_classes, render_lookalike
 from .omniglot import OmniglotDataset, OmniglotFolderDataset, OneShotRun, read_one_shot_runs
-from .transforms import eval_transform, train_transform
+from .transforms import eval_transform, mirror_transform, train_transform
 
 __all__ = [
     "CorruptImageError",
@@ -36,6 +36,7 @@ __all__ = [
     "OmniglotFolderDataset",
     "OneShotRun",
     "eval_transform",
+    "mirror_transform",
     "get_card",
     "get_dataset",
     "labelled_loader",

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AlbumentationsTransform", "eval_transform", "resolve_data_cfg", "train_transform"]
+__all__ = ["AlbumentationsTransform", "eval_transform", "mirror_transform", "resolve_data_cfg", "train_transform"]
 
 
 def _albumentations():
@@ -87,6 +87,21 @@ def eval_transform(cfg: Any = None, size: int | None = None) -> AlbumentationsTr
         >>> t(np.zeros((80, 120, 3), np.uint8)).shape
         torch.Size([3, 64, 64])
     """
+    return _resize_crop(cfg, size, flip=False)
+
+
+def mirror_transform(cfg: Any = None, size: int | None = None) -> AlbumentationsTransform:
+    """`eval_transform`, then a left-right flip half of the time: the one augmentation base pretraining used.
+
+    Example:
+        >>> import numpy as np
+        >>> mirror_transform(size=32)(np.zeros((40, 40, 3), np.uint8)).shape
+        torch.Size([3, 32, 32])
+    """
+    return _resize_crop(cfg, size, flip=True)
+
+
+def _resize_crop(cfg: Any, size: int | None, flip: bool) -> AlbumentationsTransform:
     A = _albumentations()
     from albumentations.pytorch import ToTensorV2
 
@@ -98,6 +113,9 @@ def eval_transform(cfg: Any = None, size: int | None = None) -> AlbumentationsTr
             [
                 A.SmallestMaxSize(max_size=round(side / data_cfg["crop_pct"]), interpolation=interpolation),
                 A.CenterCrop(side, side),
+            ]
+            + ([A.HorizontalFlip(p=0.5)] if flip else [])
+            + [
                 A.Normalize(mean=data_cfg["mean"], std=data_cfg["std"]),
                 ToTensorV2(),
             ]

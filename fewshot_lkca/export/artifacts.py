@@ -84,6 +84,13 @@ def write_onnx_int8(inputs: Inputs, path: Path, fp32_path: Path, staging: Path) 
                             accuracy_fp32=float((fp32.argmax(1) == labels).mean()),
                             accuracy_int8=float((int8.argmax(1) == labels).mean()),
                             max_abs_diff=float(np.abs(fp32 - int8).max()))
+    elif inputs.support is not None:  # every image trained (a whole folder): agreement on them, no accuracy
+        images = inputs.support.numpy()
+        fp32, int8 = run_onnx(onnx_session(fp32_path), images), run_onnx(onnx_session(path), images)
+        out['check'] = dict(images=len(images), inputs='training images of the run (its calibration set too: the run '
+                                                       'held no images out)',
+                            top1_agreement=float((fp32.argmax(1) == int8.argmax(1)).mean()),
+                            max_abs_diff=float(np.abs(fp32 - int8).max()))
     return out
 
 

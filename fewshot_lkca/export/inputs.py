@@ -46,6 +46,7 @@ def load_classifier(path: Path):
     Raises:
         CheckpointError: Missing, unreadable, not a classifier of this package, or not fitting its model.
     """
+    from ..adapters import restore_adapters
     from ..checkpoint import CheckpointError, load_checkpoint
     from ..heads import CosineHead, FewShotClassifier
     from ..metadata import MetadataError, check_classifier_meta
@@ -61,6 +62,7 @@ def load_classifier(path: Path):
         raise CheckpointError(str(e)) from None
     model = FewShotClassifier(create_backbone(meta['model'], num_classes=0),
                               CosineHead(weight.shape[1], weight.shape[0]), bool(meta.get('mirror_views')))
+    restore_adapters(model, tensors)  # a recipe with residual adapters saved them beside the blocks
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
@@ -108,7 +110,9 @@ def read_inputs(run_dir: Path, task=None) -> Inputs:
                           f'checkpoint {meta["classes"]}: the data changed since the run')
     size = meta['image_size']
     eval_tf = eval_transform(model.backbone, size=size)
-    support = load_images(task.dataset, task.support_idx, eval_tf)
+    # a big folder: an even spread of its training images (every image would cost memory and time, not precision)
+    support_idx = [task.support_idx[i] for i in _spread(len(task.support_idx), MAX_CHECK_IMAGES)]
+    support = load_images(task.dataset, support_idx, eval_tf)
     picks = _spread(len(task.pool_idx), MAX_CHECK_IMAGES)
     held_out = load_images(task.dataset, [task.pool_idx[i] for i in picks], eval_tf) if picks else None
     held_out_y = np.array([task.pool_y[i] for i in picks])
@@ -117,7 +121,7 @@ def read_inputs(run_dir: Path, task=None) -> Inputs:
     if extra > 0:
         augment = train_transform(model.backbone, size=size)
         augment.set_random_seed(seed)  # the same calibration set every time the run is exported
-        parts.append(load_images(task.dataset, [task.support_idx[i % len(support)] for i in range(extra)], augment))
+        parts.append(load_images(task.dataset, [support_idx[i % len(support)] for i in range(extra)], augment))
     calibration = torch.cat(parts).numpy().astype(np.float32)
     note = (f'{len(support)} support + {len(picks)} held-out images of the run, eval preprocessing; calibration: '
             f'{len(support)} support images + {max(extra, 0)} augmented copies')

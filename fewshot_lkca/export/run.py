@@ -104,7 +104,10 @@ def summary_lines(artifacts: dict) -> list[str]:
         head = f'{fmt}: {rep.get("path")}, {rep.get("size_bytes", 0) / 1e6:.2f} MB'
         check = rep.get('check') if fmt == 'onnx-int8' else None
         parity = rep.get('parity') or {}
-        if check:
+        if check and 'accuracy_int8' not in check:
+            lines.append(f'{head}; top-1 agrees with fp32 on {100 * check["top1_agreement"]:.1f} % of '
+                         f'{check["images"]} training images (none was held out)')
+        elif check:
             lines.append(f'{head}; top-1 agrees with fp32 on {100 * check["top1_agreement"]:.1f} % of '
                          f'{check["images"]} held-out images, accuracy {100 * check["accuracy_int8"]:.1f} % '
                          f'(fp32 {100 * check["accuracy_fp32"]:.1f} %)')

@@ -4,7 +4,7 @@ from torch import nn
 
 from ..heads import class_prototypes
 
-__all__ = ['prototypical_loss']
+__all__ = ['prototypical_loss', 'balanced_weights']
 
 
 def prototypical_loss(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, query_y: torch.Tensor,
@@ -25,3 +25,20 @@ def prototypical_loss(support: torch.Tensor, support_y: torch.Tensor, query: tor
     sq_dist = query.pow(2).sum(1, keepdim=True) - 2 * query @ prototypes.T + prototypes.pow(2).sum(1)
     logits = -sq_dist
     return nn.functional.cross_entropy(logits, query_y), (logits.argmax(1) == query_y).float().mean()
+
+
+def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """Per-class loss weights ``N / (C * n_c)`` that make every class count the same in a loss over the ``N`` images
+    of unequal classes (3 photos of one part, 40 of another); None when the classes are equal (nothing to weigh).
+
+    Example:
+        >>> balanced_weights(torch.tensor([0, 0, 0, 1]), 2).tolist()
+        [0.6666666865348511, 2.0]
+    """
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    present = counts > 0
+    if len(labels) == 0 or bool((counts[present] == counts[present][0]).all()):
+        return None
+    weight = torch.zeros(num_classes)
+    weight[present] = len(labels) / (int(present.sum()) * counts[present])
+    return weight
