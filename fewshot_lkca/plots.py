@@ -27,20 +27,26 @@ def _save(fig, plt, path: Path) -> None:
     plt.close(fig)
 
 
+MAX_ANNOTATED = 30  # classes up to which the confusion matrix shows its counts (a 120-class one took 1.7 GB)
+MAX_NAMED = 80  # classes up to which its axes name them
+
+
 def plot_confusion(confusion: list[list[int]], names: list[str], path: Path) -> bool:
     """The confusion matrix (rows: true class, columns: predicted) with its counts."""
     plt = _pyplot()
     if plt is None:
         return False
     n = len(names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    side = 0.6 * min(n, MAX_ANNOTATED)  # many classes: a picture of the same size, without the counts
+    fig, ax = plt.subplots(figsize=(1.2 + side, 1.0 + side))
     ax.imshow(confusion, cmap='Blues')
-    ax.set_xticks(range(n), names, rotation=60, ha='right', fontsize=7)
-    ax.set_yticks(range(n), names, fontsize=7)
+    if n <= MAX_NAMED:
+        ax.set_xticks(range(n), names, rotation=60, ha='right', fontsize=7 if n <= MAX_ANNOTATED else 4)
+        ax.set_yticks(range(n), names, fontsize=7 if n <= MAX_ANNOTATED else 4)
     ax.set_xlabel('predicted')
     ax.set_ylabel('true')
     top = max(max(row) for row in confusion) or 1
-    for i, row in enumerate(confusion):
+    for i, row in enumerate(confusion if n <= MAX_ANNOTATED else []):
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha='center', va='center', fontsize=7, color='white' if v > top / 2 else 'black')
     _save(fig, plt, path)

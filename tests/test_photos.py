@@ -1,9 +1,11 @@
 """A user's own folder of photos: every class and image train, an honest estimate, a model of every class."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import COLOURS, RING, make_shapes_folder
+from PIL import Image
 
 from fewshot_lkca.checkpoint import load_checkpoint
 from fewshot_lkca.config import FinetuneConfig, apply_overrides, config_for_command
@@ -112,3 +114,16 @@ def test_wilson_interval_is_sound_at_the_edges():
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     low, high = wilson_interval(10, 10)
     assert 0.6 < low < 0.8  # ten right of ten is not certainty
+
+
+def test_over_a_hundred_classes_train_and_are_scored(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in range(101):
+        (tmp_path / 'photos' / f'part{c:03d}').mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+                tmp_path / 'photos' / f'part{c:03d}' / f'{i}.png')
+    metrics = finetune_command(_cfg(tmp_path / 'photos', tmp_path / 'run'), **QUIET)
+    assert len(metrics['task']['classes']) == 101 and metrics['estimate']['images'] == 202
+    tensors, _ = load_checkpoint(tmp_path / 'run' / 'model.safetensors')
+    assert tensors['head.weight'].shape[0] == 101
