@@ -25,14 +25,15 @@ import torch
 from torch import nn
 
 from .adapters import adapter_blocks, add_adapters
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, save_checkpoint
 from .config import ConfigError, FinetuneConfig, config_for_command, parse_cli
-from .errors import DataError
+from .errors import DataError, os_error
 from .estimate import cross_validate, estimate_metrics, plan_estimate
 from .freezing import freeze_groups, frozen_parameter_names, set_batchnorm_eval
 from .heads import CosineHead, FewShotClassifier
 from .metadata import preprocessing
 from .models.factory import BackboneError
+from .probe import guard_trunk
 from .report import evaluate_task, plot_run, predict_pool, summary, task_line
 from .rundir import (
     METRICS_FILE,
@@ -41,8 +42,10 @@ from .rundir import (
     RunDir,
     RunError,
     add_run_arguments,
+    load_state,
     new_run,
     open_resumed,
+    save_state,
 )
 from .seeding import derive_seed
 from .starting_point import start_backbone
@@ -150,19 +153,23 @@ def make_optimizer(model: FewShotClassifier, cfg: FinetuneConfig) -> torch.optim
 
 
 def _save_state(run: RunDir | None, model, opt, step: int, meta: dict) -> None:
+    """train_state.pt (model, optimizer, step: one atomic file, all --resume reads), then model.safetensors."""
     if run is None:  # a model of the accuracy estimate: nothing to resume
         return
-    save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=step))
-    atomic_write(run.path(STATE_FILE), lambda tmp: torch.save(dict(step=step, optimizer=opt.state_dict()), tmp))
+    state = model.state_dict()
+    save_state(run, step=step, model=state, optimizer=opt.state_dict())
+    save_checkpoint(run.path(MODEL_FILE), state, dict(meta, step=step))
 
 
 def fit(cfg: FinetuneConfig, backbone: nn.Module, task: Task, eval_tf, run: RunDir | None = None,
-        start_step: int = 0, meta: dict | None = None, progress: bool = False, log=print) -> tuple:
+        resume: dict | None = None, meta: dict | None = None, progress: bool = False, log=print) -> tuple:
     """The recipe on ``task``'s support set: the prototype head, then the linear probe or training (guarded).
 
-    ``run``: the run directory that logs, checkpoints and resumes from ``start_step``; None for a model of the
-    accuracy estimate (`fewshot_lkca.estimate`), which keeps nothing. Returns the model and what to report of it.
+    ``run``: the run directory that logs and checkpoints, None for a model of the accuracy estimate
+    (`fewshot_lkca.estimate`), which keeps nothing; ``resume``: the run's saved state (`fewshot_lkca.rundir.load_state`)
+    to continue from. Returns the model and what to report of it.
     """
+    start_step = int(resume['step']) if resume else 0
     support_y = torch.tensor(task.support_y)
     support = _batches(task, task.support_idx, eval_tf, cfg.eval_batch_size)
     model = build_classifier(backbone, support, support_y, cfg)
@@ -173,12 +180,16 @@ def fit(cfg: FinetuneConfig, backbone: nn.Module, task: Task, eval_tf, run: RunD
     set_trainable(model, cfg, task.image_size)
     start = {k: v.clone() for k, v in model.state_dict().items()}  # what the guard falls back to (adapters at 0)
     opt = make_optimizer(model, cfg)
-    if start_step:
-        tensors, _ = load_checkpoint(run.path(MODEL_FILE))
-        model.load_state_dict(tensors)
-        opt.load_state_dict(torch.load(run.path(STATE_FILE), weights_only=True)['optimizer'])
-        run.trim_log(start_step)
+    if resume:
+        try:
+            model.load_state_dict(resume['model'])
+            opt.load_state_dict(resume['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RunError(f'{run.path(STATE_FILE)} does not fit this run ({str(e).splitlines()[0][:120]}); start it '
+                           'again with --overwrite') from None
         log(f'resuming at step {start_step} of {steps}')
+    if run is not None:
+        run.trim_log(start_step)  # records past the saved step are replayed
     train_tf = _support_transform(backbone, cfg.augment, task.image_size, eval_tf)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     views = ', each image and its mirror image' if cfg.mirror_views else ''
@@ -192,7 +203,8 @@ def fit(cfg: FinetuneConfig, backbone: nn.Module, task: Task, eval_tf, run: RunD
     losses = _train(model, opt, task, cfg, run, (start_step, steps), (train_tf, support_y, weight), meta, progress)
     if run is not None:
         losses = [r['loss'] for r in run.records()]  # with the steps before a resume
-    guard = _guard_trunk(model, start, support, support_y, losses, cfg, log) if cfg.guard and steps else None
+    guard = (guard_trunk(model, start, lambda: _features(model, support, cfg.eval_batch_size), support_y, losses, log)
+             if cfg.guard and steps else None)
     if run is not None and guard is not None and guard['kept'] == 'prototypes':
         save_checkpoint(run.path(MODEL_FILE), model.state_dict(), dict(meta, step=0, guard='reverted'))
     return model, dict(trainable_parameters=trainable, steps=steps, guard=guard)
@@ -241,37 +253,6 @@ def _train(model: FewShotClassifier, opt, task: Task, cfg: FinetuneConfig, run: 
     return losses
 
 
-def _guard_trunk(model: FewShotClassifier, start: dict, support, support_y: torch.Tensor, losses: list[float],
-                 cfg: FinetuneConfig, log) -> dict:
-    """Keep the fine-tuned model only if its support loss fell and leave-one-out nearest-prototype accuracy on the
-    support set did not drop; else go back to the prototype classifier it started from.
-
-    The leave-one-out figure of the trained model is optimistic (it trained on those images); it still catches a
-    trunk that collapsed, where every feature looks alike.
-    """
-    from .probe import loo_accuracy
-
-    n_classes = model.head.weight.shape[0]
-    tenth = max(1, len(losses) // 10)
-    loss_fell = sum(losses[-tenth:]) / tenth < sum(losses[:tenth]) / tenth
-    after = loo_accuracy(_features(model, support, cfg.eval_batch_size), support_y, n_classes)
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(start)
-    before = loo_accuracy(_features(model, support, cfg.eval_batch_size), support_y, n_classes)
-    worse = after is not None and after < before
-    if loss_fell and not worse:
-        model.load_state_dict(trained)
-        kept, reason = 'trained', 'the support loss fell' + (
-            f' and leave-one-out on the support set held ({100 * before:.0f} % -> {100 * after:.0f} %)'
-            if after is not None else '')
-    else:
-        kept = 'prototypes'
-        reason = ('the support loss did not fall' if not loss_fell else
-                  f'leave-one-out on the support set dropped ({100 * before:.0f} % -> {100 * after:.0f} %)')
-    log(f'guard: kept the {kept} model ({reason})')
-    return dict(kept=kept, reason=reason, loo_before=before, loo_after=after, support_loss_fell=loss_fell)
-
-
 def _probe(model: FewShotClassifier, support, support_y: torch.Tensor, cfg: FinetuneConfig, log) -> dict:
     """The linear probe: the cosine head trained on cached support features, kept if the guard agrees."""
     from .probe import fit_head, guard_head
@@ -292,35 +273,43 @@ def _probe(model: FewShotClassifier, support, support_y: torch.Tensor, cfg: Fine
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _open_run(cfg: FinetuneConfig, resume: Path | None, overwrite: bool) -> tuple[FinetuneConfig, RunDir, int]:
-    """The config, run directory and first step: a new run (checked, not yet written) or a resumed one."""
+def _open_run(cfg: FinetuneConfig, resume: Path | None, overwrite: bool) -> tuple[FinetuneConfig, RunDir]:
+    """The config and run directory: a new run (checked, not yet written) or a resumed one."""
     if resume is None:
         shape = 'all' if protocol(cfg) == 'all' else f'{cfg.n_way}w{cfg.k_shot}s'
         out = cfg.out or default_out(cfg.data, cfg.model, shape, cfg.method, f'seed{cfg.seed}')
         cfg = dataclasses.replace(cfg, out=str(out))
-        return cfg, new_run(cfg.out, overwrite), 0
-    cfg, run = open_resumed(resume, FinetuneConfig)
-    step = 0
-    if run.path(STATE_FILE).is_file() and run.path(MODEL_FILE).is_file():
-        step = int(torch.load(run.path(STATE_FILE), weights_only=True)['step'])
-    return cfg, run, step
+        return cfg, new_run(cfg.out, overwrite)
+    return open_resumed(resume, FinetuneConfig)
 
 
 def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite: bool = False,
                      progress: bool = True, log=print) -> dict:
-    """Run (or resume) one fine-tuning job; returns the metrics written to ``metrics.json``."""
+    """Run (or resume) one fine-tuning job; returns the metrics written to ``metrics.json``.
+
+    The run directory is locked for the job's life (`fewshot_lkca.rundir.RunDir.lock`); it is written only once the
+    data and the starting point have loaded, so a start that fails leaves nothing that blocks the retry.
+    """
+    cfg, run = _open_run(cfg, resume, overwrite)
+    with run.lock():
+        return _run(cfg, run, resume, progress, log)
+
+
+def _run(cfg: FinetuneConfig, run: RunDir, resume: Path | None, progress: bool, log) -> dict:
     from .data import eval_transform
 
-    cfg, run, start_step = _open_run(cfg, resume, overwrite)
+    state = load_state(run) if resume is not None else None  # a damaged file: one line, before any work
+    if resume is not None and state is None:
+        log(f'{run.path(STATE_FILE)} is missing: nothing to resume from, training again from step 0')
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)  # bad data fails here, before a run directory is written
     if task.protocol == 'all':
         cfg = dataclasses.replace(cfg, protocol='all', n_way=len(task.class_names))
-    if resume is None:
-        run.start(cfg)
     log(task_line(cfg, task))
     backbone, origin = start_backbone(cfg, task.image_size, log, progress)
     log(f'weights: {origin}')
+    if resume is None:
+        run.start(cfg)
     eval_tf = eval_transform(backbone, size=task.image_size)
     meta = dict(model=cfg.model, classes=task.class_names, **preprocessing(backbone.pretrained_cfg, task.image_size),
                 weights=origin, data=cfg.data, mirror_views=cfg.mirror_views)
@@ -332,7 +321,7 @@ def finetune_command(cfg: FinetuneConfig, resume: Path | None = None, overwrite:
             return predict_pool(model, sub, eval_tf, cfg.eval_batch_size)
 
         scored = cross_validate(task, plan, fit_and_predict, log)
-    model, extra = fit(cfg, backbone, task, eval_tf, run, start_step, meta, progress, log)
+    model, extra = fit(cfg, backbone, task, eval_tf, run, state, meta, progress, log)
     if plan is not None and scored is None:  # train/val: the delivered model classifies val
         scored = predict_pool(model, task, eval_tf, cfg.eval_batch_size, progress), torch.tensor(task.pool_y)
     metrics = (estimate_metrics(*scored, task, plan) if plan is not None else
@@ -391,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
             finetune_command(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (ConfigError, RunError, CheckpointError, BackboneError, DataError) as e:
         raise SystemExit(f'error: {e}') from None
+    except KeyboardInterrupt:  # before training started (training saves and says how to resume)
+        raise SystemExit('interrupted before training started: nothing to resume') from None
+    except OSError as e:  # a full disk, an unwritable --out, a folder under a file
+        raise SystemExit(f'error: {os_error(e)}') from None
 
 
 if __name__ == '__main__':

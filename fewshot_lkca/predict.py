@@ -216,22 +216,29 @@ class OnnxClassifier:
         return exp / exp.sum(axis=1, keepdims=True)
 
     def classify(self, images: list[str | os.PathLike], top_k: int = 5) -> list[dict]:
-        """Top-``top_k`` classes of each image file, most probable first.
+        """Top-``top_k`` classes of each image file, most probable first (`iter_classify`, collected)."""
+        return list(self.iter_classify(images, top_k))
 
-        Every image is read before the model runs, so a bad file fails the call before any result.
-
-        Raises:
-            PredictError: An image is missing, unreadable, or not an image.
-        """
-        batch = np.stack([preprocess(load_rgb(p), self.meta) for p in images])
-        probs = self.probabilities(batch)
+    def iter_classify(self, images, top_k: int = 5):
+        """One result per image file, in order, ``max_batch`` images in memory at a time whatever their number: the
+        top classes (``top``), or ``error`` for a file that is missing or not a readable image (the others go on)."""
         k = min(top_k, len(self.classes))
-        results = []
-        for path, row in zip(images, probs, strict=True):
-            order = np.argsort(-row, kind='stable')[:k]
-            results.append(dict(image=str(path),
-                                top=[dict(label=self.classes[c], probability=float(row[c])) for c in order]))
-        return results
+        images = list(images)
+        for start in range(0, len(images), self.max_batch):
+            chunk, errors, arrays = images[start:start + self.max_batch], {}, []
+            for i, path in enumerate(chunk):
+                try:
+                    arrays.append(preprocess(load_rgb(path), self.meta))
+                except PredictError as e:
+                    errors[i] = str(e)
+            probs = iter(self.probabilities(np.stack(arrays)) if arrays else [])
+            for i, path in enumerate(chunk):
+                if i in errors:
+                    yield dict(image=str(path), error=errors[i])
+                    continue
+                row = next(probs)
+                order = np.argsort(-row, kind='stable')[:k]
+                yield dict(image=str(path), top=[dict(label=self.classes[c], probability=float(row[c])) for c in order])
 
 
 # ------------------------------------------------------------------------------------------------- the CLI
@@ -255,24 +262,31 @@ def predict_command(model: Path, images: list[Path], top_k: int = 5, as_json: bo
     except ConfigError as e:
         raise PredictError(str(e)) from None
     clf = OnnxClassifier(model, threads=threads)
-    results = clf.classify(images, top_k=top_k)
+    results = []
+    width = max(len(c) for c in clf.classes)
+    for result in clf.iter_classify(images, top_k=top_k):  # printed as they come: a long list shows progress
+        results.append(result)
+        if as_json:
+            continue
+        out(result['image'])
+        if 'error' in result:
+            out(f'  error: {result["error"]}')
+        for item in result.get('top', []):
+            out(f'  {item["label"]:<{width}}  {100 * item["probability"]:5.1f} %')
     if as_json:
         out(json.dumps(dict(model=str(model), classes=clf.classes, results=results), indent=2))
-        return results
-    width = max(len(c) for c in clf.classes)
-    for result in results:
-        out(result['image'])
-        for item in result['top']:
-            out(f'  {item["label"]:<{width}}  {100 * item["probability"]:5.1f} %')
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        predict_command(args.model, args.images, top_k=args.top_k, as_json=args.json, threads=args.threads)
+        results = predict_command(args.model, args.images, top_k=args.top_k, as_json=args.json, threads=args.threads)
     except PredictError as e:
         raise SystemExit(f'error: {e}') from None
+    failed = sum('error' in r for r in results)
+    if failed:  # the others were classified; the exit status says not all were
+        raise SystemExit(f'error: {failed} of {len(results)} images could not be classified (named above)')
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ from torch import nn
 
 from .heads import CosineHead
 
-__all__ = ['fit_head', 'loo_accuracy', 'GuardResult', 'guard_head', 'LOO_LIMIT']
+__all__ = ['fit_head', 'loo_accuracy', 'GuardResult', 'guard_head', 'guard_trunk', 'LOO_LIMIT']
 
 LOO_LIMIT = 256  # leave-one-out scores at most this many support images
 
@@ -116,3 +116,32 @@ def guard_head(features: torch.Tensor, labels: torch.Tensor, n_way: int, steps: 
                                   f'{100 * protos:.0f} %')
     return GuardResult(kept='trained', loo_trained=trained, loo_prototypes=protos,
                        reason=f'leave-one-out: trained head {100 * trained:.0f} % >= prototypes {100 * protos:.0f} %')
+
+
+def guard_trunk(model: nn.Module, start: dict, features, labels: torch.Tensor, losses: list[float], log=print) -> dict:
+    """Keep a fine-tuned model only if its support loss fell and leave-one-out nearest-prototype accuracy on the
+    support set did not drop; else load ``start`` (the prototype classifier it started from) back into it.
+
+    ``features()`` gives the support set's features under the model's current weights. The leave-one-out figure of the
+    trained model is optimistic (it trained on those images); it still catches a trunk that collapsed, where every
+    feature looks alike.
+    """
+    n_classes = model.head.weight.shape[0]
+    tenth = max(1, len(losses) // 10)
+    loss_fell = sum(losses[-tenth:]) / tenth < sum(losses[:tenth]) / tenth
+    after = loo_accuracy(features(), labels, n_classes)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    before = loo_accuracy(features(), labels, n_classes)
+    worse = after is not None and after < before
+    if loss_fell and not worse:
+        model.load_state_dict(trained)
+        kept, reason = 'trained', 'the support loss fell' + (
+            f' and leave-one-out on the support set held ({100 * before:.0f} % -> {100 * after:.0f} %)'
+            if after is not None else '')
+    else:
+        kept = 'prototypes'
+        reason = ('the support loss did not fall' if not loss_fell else
+                  f'leave-one-out on the support set dropped ({100 * before:.0f} % -> {100 * after:.0f} %)')
+    log(f'guard: kept the {kept} model ({reason})')
+    return dict(kept=kept, reason=reason, loo_before=before, loo_after=after, support_loss_fell=loss_fell)

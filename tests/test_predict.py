@@ -167,15 +167,37 @@ def _bad_inputs(tmp_path, toy):
     }
 
 
-@pytest.mark.parametrize('case', ['missing image', 'not an image', 'empty image', 'a folder', 'missing model',
-                                  'not onnx', 'foreign onnx', 'top-k'])
-def test_bad_input_is_a_one_line_error(case, toy, tmp_path, capsys):
+@pytest.mark.parametrize('case', ['missing model', 'not onnx', 'foreign onnx', 'top-k'])
+def test_a_bad_model_or_option_is_a_one_line_error(case, toy, tmp_path, capsys):
     argv, message = _bad_inputs(tmp_path, toy)[case]
     with pytest.raises(SystemExit) as exc:
         predict.main(argv)
     text = str(exc.value)
     assert text.startswith('error: ') and '\n' not in text and message in text, text
-    assert capsys.readouterr().out == ''  # a bad image fails before any result is printed
+    assert capsys.readouterr().out == ''
+
+
+@pytest.mark.parametrize('case', ['missing image', 'not an image', 'empty image', 'a folder'])
+def test_a_bad_image_is_named_in_its_line_while_the_others_are_classified(case, toy, tmp_path, capsys):
+    (model, bad), message = _bad_inputs(tmp_path, toy)[case]
+    good = str(_solid(tmp_path / 'good.png', (200, 10, 10)))
+    with pytest.raises(SystemExit) as exc:
+        predict.main([model, good, bad, good])
+    assert str(exc.value) == 'error: 1 of 3 images could not be classified (named above)'
+    lines = capsys.readouterr().out.splitlines()
+    assert lines.count(good) == 2 and message in '\n'.join(lines)
+    results = OnnxClassifier(model).classify([good, bad, good])
+    assert 'top' in results[0] and 'top' in results[2] and message in results[1]['error']
+
+
+def test_predict_streams_in_fixed_batches(toy, tmp_path, monkeypatch):
+    clf = OnnxClassifier(toy)
+    seen = []
+    real = clf.probabilities
+    monkeypatch.setattr(clf, 'probabilities', lambda batch: seen.append(len(batch)) or real(batch))
+    image = str(_solid(tmp_path / 'one.png', (1, 2, 3)))
+    assert len(clf.classify([image] * (2 * clf.max_batch + 3))) == 2 * clf.max_batch + 3
+    assert seen == [clf.max_batch, clf.max_batch, 3]  # never more than one batch of images in memory
 
 
 def test_metadata_is_checked_field_by_field():

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..rundir import CONFIG_FILE, LAST_FILE, METRICS_FILE, STATE_FILE
+from ..rundir import CONFIG_FILE, LAST_FILE, METRICS_FILE, STATE_FILE, RunDir
 from .config import PretrainConfig
 from .loop import pretrain_command
 
@@ -53,14 +53,17 @@ def base_pretrained(
                     seed=seed, images_per_class=images_per_class, recipe=_CACHE_RECIPE)
     root = cache_dir() / 'base' / f'{model_name}-{Path(str(data)).name}-{image_size}px-{_cache_key(settings)}'
     path = root / LAST_FILE
-    cached = (root / METRICS_FILE).is_file()
-    if not cached:
-        cfg = PretrainConfig(data=str(data), model=model_name, image_size=image_size, images_per_class=images_per_class,
-                             steps=steps, batch_size=batch_size, lr=lr, seed=seed, method='supervised', val_split='',
-                             out=str(root)).validate()
-        resume = root if (root / CONFIG_FILE).is_file() and (root / STATE_FILE).is_file() else None
-        start = time.perf_counter()
-        pretrain_command(cfg, resume=resume, overwrite=True, progress=progress, log=_logger.info, distributed=False)
-        _logger.info('base pretraining: %d steps in %.0f s -> %s', steps, time.perf_counter() - start, path)
+    # One process builds a cold entry; another one needing it waits for the lock, then reads what was built.
+    with RunDir(root).lock(wait=True):
+        cached = (root / METRICS_FILE).is_file()
+        if not cached:
+            cfg = PretrainConfig(data=str(data), model=model_name, image_size=image_size,
+                                 images_per_class=images_per_class, steps=steps, batch_size=batch_size, lr=lr,
+                                 seed=seed, method='supervised', val_split='', out=str(root)).validate()
+            resume = root if (root / CONFIG_FILE).is_file() and (root / STATE_FILE).is_file() else None
+            start = time.perf_counter()
+            pretrain_command(cfg, resume=resume, overwrite=True, progress=progress, log=_logger.info,
+                             distributed=False)
+            _logger.info('base pretraining: %d steps in %.0f s -> %s', steps, time.perf_counter() - start, path)
     tensors, _ = load_checkpoint(path)
     return {k: v for k, v in tensors.items() if not k.startswith('classifier.')}, path, cached

@@ -7,7 +7,7 @@ import sys
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, config_for_command, parse_cli
 from ..console import quiet_console
-from ..errors import DataError
+from ..errors import DataError, os_error
 from ..models.factory import BackboneError
 from ..rundir import RunError, add_run_arguments
 from ..threads import set_threads
@@ -49,4 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         if int(os.environ.get('RANK', 0)) != 0:  # under torchrun every rank fails alike: rank 0 says why
             raise SystemExit(1) from None
         raise SystemExit(f'error: {e}') from None
+    except KeyboardInterrupt:  # before training started (training saves and says how to resume)
+        raise SystemExit('interrupted before training started: nothing to resume') from None
+    except OSError as e:  # a full disk, an unwritable --out, a folder under a file
+        raise SystemExit(f'error: {os_error(e)}') from None
 

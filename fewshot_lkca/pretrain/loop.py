@@ -9,11 +9,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..config import ConfigError
 from ..metadata import preprocessing
 from ..models import create_backbone
-from ..rundir import BEST_FILE, CURVE_FILE, LAST_FILE, LOG_FILE, METRICS_FILE, STATE_FILE, RunDir, new_run, open_resumed
+from ..rundir import (
+    BEST_FILE,
+    CURVE_FILE,
+    LAST_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    RunDir,
+    load_state,
+    new_run,
+    open_resumed,
+    save_state,
+)
 from ..seeding import derive_seed
 from ..task import dataset_options, default_out, input_size, is_folder
 from ..train import Dist, StopRequest, create_optimizer, create_scheduler, init_distributed, prototypical_loss
@@ -181,9 +193,8 @@ def _build_net(cfg: PretrainConfig, data: _Data, dist: Dist, log) -> tuple[nn.Mo
 def _save_state(run: RunDir, backbone: nn.Module, opt, step: int, best: dict | None, meta: dict) -> None:
     """last.safetensors for users, train_state.pt (model + optimizer, one atomic file) for --resume."""
     state = backbone.state_dict()
+    save_state(run, step=step, model=state, optimizer=opt.state_dict(), best=best)
     save_checkpoint(run.path(LAST_FILE), state, dict(meta, step=step))
-    atomic_write(run.path(STATE_FILE), lambda tmp: torch.save(
-        dict(step=step, model=state, optimizer=opt.state_dict(), best=best), tmp))
 
 
 @dataclass
@@ -289,7 +300,7 @@ def _metrics(job: _Loop, origin: str, max_diff: float) -> dict:
 
 
 def _resume_state(job: _Loop) -> None:
-    state = torch.load(job.run.path(STATE_FILE), map_location='cpu', weights_only=True)
+    state = load_state(job.run, required=('step', 'model', 'optimizer', 'best'))
     job.backbone.load_state_dict(state['model'])
     job.opt.load_state_dict(state['optimizer'])
     job.step, job.best = int(state['step']), state['best']
@@ -379,7 +390,8 @@ def pretrain_command(cfg: PretrainConfig, resume: Path | None = None, overwrite:
         run = new_run(cfg.out, overwrite)
     dist = init_distributed(cfg.device, distributed)
     try:
-        return _train(cfg, run, resume is not None, dist, progress, log if dist.main else _quiet)
+        with run.lock() if dist.main else contextlib.nullcontext():  # rank 0 alone writes the run directory
+            return _train(cfg, run, resume is not None, dist, progress, log if dist.main else _quiet)
     finally:
         dist.close()
 
