@@ -23,7 +23,7 @@ from .errors import CorruptImageError, DataError, ImageTooLargeError
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "load_image", "verify_image"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # GIF: its first frame
 MAX_PIXELS = 50_000_000  # 50 MP: a 12 MP phone photo passes; 150 MB of RGB is the most one image may cost
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")

@@ -187,3 +187,33 @@ def test_bad_run_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match='config.json is not a finetune config'):
         main(['--resume', str(run), '--no-progress'])
     assert RunDir(run).started  # the run is still there, untouched
+
+
+def test_ctrl_c_during_export_says_so_and_keeps_the_finished_run(tmp_path, monkeypatch):
+    import fewshot_lkca.export.run as export_run
+
+    folder = make_shapes_folder(tmp_path / 'data', 8)
+    run = tmp_path / 'run'
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(export_run, 'export_run', interrupted)
+    args = [a if a != '--export=[]' else '--export=onnx' for a in _args(folder, run)]
+    with pytest.raises(SystemExit, match='export interrupted; the run is complete, export it with: python -m '):
+        main(args)
+    assert (run / 'metrics.json').is_file()
+
+
+def test_a_missing_data_folder_and_an_empty_weights_file_are_named(tmp_path):
+    folder = make_shapes_folder(tmp_path / 'data', 8)
+    empty = tmp_path / 'empty.pth'
+    empty.touch()
+    cases = [(['--data', str(tmp_path / 'nope')], 'no such folder'),
+             (['--weights', str(empty)], f'cannot read weights file {empty}: the file is empty')]
+    for change, message in cases:
+        args = _args(folder, tmp_path / 'run')
+        for i in range(0, len(change), 2):
+            args[args.index(change[i]) + 1] = change[i + 1]
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert message in str(exc.value) and '\n' not in str(exc.value), str(exc.value)

@@ -48,6 +48,8 @@ def get_card(name_or_path: str | os.PathLike) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = CARD_DIR / f"{name_or_path}.yaml"
+        if not path.is_file() and ("/" in str(name_or_path) or os.sep in str(name_or_path)):
+            raise DataError(f"--data {name_or_path}: no such folder (expected {name_or_path}/<class_name>/<image>)")
         if not path.is_file():
             raise DataError(
                 f"no data set card '{name_or_path}'{_did_you_mean(str(name_or_path), list_datasets())}; "

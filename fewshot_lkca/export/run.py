@@ -128,7 +128,10 @@ def export_after_finetune(run_dir: Path, formats, task=None, log=print) -> dict 
     log(f'exporting {", ".join(formats)} ...')
     try:
         return export_run(run_dir, formats, task=task, log=log)
-    except (Exception, KeyboardInterrupt) as e:  # the run is finished and saved whatever happens here
+    except KeyboardInterrupt:  # the run is finished and saved; the user stopped the export: say so, exit non-zero
+        raise SystemExit(f'export interrupted; the run is complete, export it with: python -m fewshot_lkca.export '
+                         f'{run_dir} --format {" ".join(formats)}') from None
+    except Exception as e:  # the run is finished and saved whatever happens here
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log(f'warning: export failed ({message}); the run is complete, retry with: python -m fewshot_lkca.export '
             f'{run_dir} --format {" ".join(formats)}')

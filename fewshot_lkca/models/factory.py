@@ -68,7 +68,8 @@ def _check_state_dict_file(path: Path) -> None:
         else:
             state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises several types for a bad file: name it and the reason, in one line
-        raise BackboneError(f'cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0]}') from e
+        why = 'the file is empty' if path.stat().st_size == 0 else f'{type(e).__name__}: {_first_line(e)}'
+        raise BackboneError(f'cannot read weights file {path}: {why}') from e
     if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
         state = state['state_dict']
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -114,5 +115,11 @@ def create_backbone(
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (RuntimeError, KeyError, ValueError) as e:
         if weights is not None:  # a file of the wrong model (shapes, names) or not a state_dict at all
-            raise BackboneError(f"weights file {weights} does not fit '{name}': {str(e).splitlines()[0]}") from e
+            raise BackboneError(f"weights file {weights} does not fit '{name}': {_first_line(e)}") from e
         raise
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none: an empty file's EOFError)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
