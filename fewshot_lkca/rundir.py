@@ -77,6 +77,7 @@ class RunDir:
         """Hold an exclusive lock on ``run.lock`` while inside (an OS file lock, so the kernel frees it when the process
         dies: a killed run's lock is taken over by the next one); another process holding it is refused in one line
         naming its PID, or waited for with ``wait``; this process's own lock is re-entered (the cache entry's run)."""
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(LOCK_FILE).resolve()
         if path in _HELD:
@@ -102,6 +103,9 @@ class RunDir:
             finally:
                 _HELD.discard(path)
                 f.truncate(0)  # the file stays (removing it could let two processes lock two files); the lock goes
+                if created and [p.name for p in self.root.iterdir()] == [LOCK_FILE]:  # a start that wrote nothing
+                    path.unlink(missing_ok=True)
+                    self.root.rmdir()
 
     @property
     def started(self) -> bool:
