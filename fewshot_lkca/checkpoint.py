@@ -10,7 +10,7 @@ from torch import nn
 from .adapters import restore_adapters
 from .files import atomic_write
 
-__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'atomic_write', 'load_backbone']
+__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'checkpoint_meta', 'atomic_write', 'load_backbone']
 
 DEFAULT_MODEL = 'lkca_mobilenet'
 
@@ -41,6 +41,20 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except Exception as e:  # safetensors raises several types for a damaged file
         raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}') from e
     return tensors, meta
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a checkpoint of this package (its header only, no tensors); {} for anything else."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != '.safetensors' or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            return json.loads((f.metadata() or {}).get('fewshot_lkca', '{}'))
+    except Exception:  # a damaged file: load_checkpoint says why when the job reads it
+        return {}
 
 
 def load_backbone(model: str, weights: str) -> tuple[nn.Module, dict, str]:

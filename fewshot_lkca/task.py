@@ -127,7 +127,7 @@ def _whole_task(cfg) -> Task:
         layout = 'train/val'
     else:
         dataset, pool_idx, pool_y, layout = get_dataset(cfg.data, split=cfg.split), [], [], 'one folder'
-    size, _ = input_size(cfg.data, cfg.image_size, dataset)
+    size, _ = input_size(cfg.data, cfg.image_size, dataset, _checkpoint_size(cfg.weights))
     support_idx = list(range(len(dataset.targets) - len(pool_idx)))
     return Task(dataset, list(dataset.classes), support_idx, [dataset.targets[i] for i in support_idx], pool_idx,
                 pool_y, size, 'all', layout)
@@ -168,8 +168,15 @@ def _episode_task(cfg) -> Task:
         if name in label_of and i not in support:
             pool_idx.append(i)
             pool_y.append(label_of[name])
-    size, _ = input_size(cfg.data, cfg.image_size, dataset)
+    size, _ = input_size(cfg.data, cfg.image_size, dataset, _checkpoint_size(cfg.weights))
     return Task(dataset, plan.class_names, plan.support_idx, plan.support_y, pool_idx, pool_y, size)
+
+
+def _checkpoint_size(weights: str) -> int:
+    """The input side a ``--weights`` checkpoint of this package was trained at (0: none, or not such a file)."""
+    from .checkpoint import checkpoint_meta
+
+    return int(checkpoint_meta(weights).get('image_size') or 0) if weights else 0
 
 
 def load_images(dataset, indices: list[int], transform) -> torch.Tensor:

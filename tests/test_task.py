@@ -1,6 +1,7 @@
 """The task layer's rules, decided once: the input size every command uses, and the episode class check."""
 import numpy as np
 import pytest
+from conftest import make_shapes_folder
 
 import fewshot_lkca.data as data
 from fewshot_lkca.config import FinetuneConfig
@@ -53,3 +54,17 @@ def test_the_episode_class_check_names_the_data_and_the_fix():
     with pytest.raises(DataError, match=r"1 of 3 classes have fewer .*'c' has 4; lower --ways"):
         usable_classes([0] * 5 + [1] * 9 + [2] * 4, 2, 2, 3, ['a', 'b', 'c'])
     assert sorted(usable_classes([0] * 5 + [1] * 9 + [2] * 4, 2, 2, 3, drop_small=True, warn=False)) == [0, 1]
+
+
+def test_a_checkpoint_passed_as_weights_sets_the_input_size(tmp_path):
+    import torch
+
+    from fewshot_lkca.checkpoint import save_checkpoint
+    from fewshot_lkca.config import apply_overrides
+
+    folder = make_shapes_folder(tmp_path / 'data', 6)
+    weights = tmp_path / 'best.safetensors'
+    save_checkpoint(weights, {'x': torch.zeros(1)}, dict(model='lkca_mobilenet', image_size=48))
+    cfg = apply_overrides(FinetuneConfig(), dict(data=str(folder), weights=str(weights)), source='test')
+    assert build_task(cfg).image_size == 48  # trained at 48 px: not the 224 px of photos
+    assert build_task(apply_overrides(cfg, dict(image_size=64), source='test')).image_size == 64  # the option wins
