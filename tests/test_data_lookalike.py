@@ -1,6 +1,5 @@
 """The built-in look-alike set: splits, determinism, look-alike structure, speed."""
 
-import time
 
 import numpy as np
 import pytest
@@ -75,14 +74,6 @@ def test_cache_returns_equal_copies():
 def test_instances_of_a_class_vary():
     images = np.stack([render_lookalike("pen-101", i, 32) for i in range(8)]).astype(np.float32)
     assert images.std(axis=0).mean() > 20  # pose, colour and background change per instance
-
-
-def test_rendering_takes_a_few_ms():
-    render_lookalike("syringe-000", 0, 96)  # warm the profile cache
-    start = time.perf_counter()
-    for i in range(20):
-        render_lookalike("syringe-000", i, 96)
-    assert (time.perf_counter() - start) / 20 < 0.02
 
 
 def test_bad_arguments():
