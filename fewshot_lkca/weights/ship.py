@@ -53,9 +53,21 @@ def ship(run_dir: str | Path, data: str = 'lookalike', command: str = '') -> dic
                  accuracy=best['mean'], ci95=best['ci95']),
         date=time.strftime('%Y-%m-%d'), file=entry.path.name, precision='fp16', size_bytes=entry.path.stat().st_size,
         sha256=sha256(entry.path))
-    atomic_write(entry.card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + '\n'))
-    write_card_markdown(card, entry.card_path.with_suffix('.md'))
+    write_card(card, entry.card_path)
     return card
+
+
+def write_card(card: dict, path: Path) -> None:
+    """The model card three ways beside the checkpoint: ``.json`` (for the job), ``.md`` (for people) and ``.yaml``
+    (the resolved pretraining config, a recipe: ``python -m fewshot_lkca.pretrain --recipe <it>`` trains it again)."""
+    import yaml
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + '\n'))
+    write_card_markdown(card, path.with_suffix('.md'))
+    config = {k: v for k, v in card['config'].items() if k != 'out'}
+    header = f"# The resolved config that trained {card['file']} ({card['command']}).\n"
+    text = header + yaml.safe_dump(config, sort_keys=False)
+    atomic_write(path.with_suffix('.yaml'), lambda tmp: tmp.write_text(text))
 
 
 def write_card_markdown(card: dict, path: Path) -> None:
@@ -80,8 +92,7 @@ def record_benchmark(data: str, k_shot: int, result: dict) -> dict:
     entry = SHIPPED[data]
     card = json.loads(entry.card_path.read_text())
     card.setdefault('default_recipe', {})[str(k_shot)] = result
-    atomic_write(entry.card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + '\n'))
-    write_card_markdown(card, entry.card_path.with_suffix('.md'))
+    write_card(card, entry.card_path)
     return card
 
 
