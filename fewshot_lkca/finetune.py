@@ -90,9 +90,7 @@ def build_classifier(backbone: nn.Module, support, support_y: torch.Tensor, cfg:
     """Backbone + cosine head (from the support set's prototypes, unless ``head_init='random'``); ``support``: the
     support images as one tensor, or an iterable of batches (`_batches`: never all of them in memory at once)."""
     feature_dim = getattr(backbone, 'head_hidden_size', None) or backbone.num_features  # pre-logits width
-    n_classes = int(support_y.max()) + 1 if len(support_y) else cfg.n_way
-    model = FewShotClassifier(backbone, CosineHead(feature_dim, max(cfg.n_way, n_classes), scale=cfg.head_scale),
-                              cfg.mirror_views)
+    model = FewShotClassifier(backbone, CosineHead(feature_dim, cfg.n_way, scale=cfg.head_scale), cfg.mirror_views)
     if cfg.head_init == 'prototypes':
         model.head.init_from_prototypes(_features(model, support, cfg.eval_batch_size), support_y)
     return model
