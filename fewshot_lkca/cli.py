@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     'evaluate': 'fewshot_lkca.evaluate',
     'export': 'fewshot_lkca.export',
     'predict': 'fewshot_lkca.predict',  # onnxruntime only: importing it loads no torch
+    'adapt': 'fewshot_lkca.adapt',  # onnxruntime and numpy only, as predict
     'models': None,
 }
 

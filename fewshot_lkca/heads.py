@@ -2,7 +2,9 @@
 import torch
 from torch import nn
 
-__all__ = ['CosineHead', 'FewShotClassifier', 'class_prototypes']
+from .metadata import HEAD_INITIALIZER
+
+__all__ = ['CosineHead', 'FewShotClassifier', 'ExportForm', 'class_prototypes']
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -66,3 +68,25 @@ class FewShotClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class ExportForm(nn.Module):
+    """What the ONNX export traces: ``(logits, features)``, the head as one (D, classes) matrix.
+
+    ``logits = unit(features) @ M`` with ``M = scale * unit(W)^T``: the cosine head's function (the temperature folded
+    into the matrix), with nothing for the exporter to fold, so M lands in the file as the initializer
+    `fewshot_lkca.metadata.HEAD_INITIALIZER`. A device rewrites that one initializer to learn new classes
+    (`fewshot_lkca.adapt`), reading the second output, the features the head sees.
+    """
+
+    def __init__(self, model: FewShotClassifier):
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            head = model.head
+            matrix = (head.scale * nn.functional.normalize(head.weight, dim=1)).t().contiguous()
+        self.register_buffer(HEAD_INITIALIZER, matrix)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.features(x)
+        return nn.functional.normalize(features, dim=1) @ getattr(self, HEAD_INITIALIZER), features

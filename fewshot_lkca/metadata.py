@@ -14,8 +14,8 @@ import json
 import math
 from collections.abc import Mapping
 
-__all__ = ['MARKER', 'PREPROCESSING_KEYS', 'CLASSIFIER_KEYS', 'MetadataError', 'preprocessing', 'encode_metadata',
-           'decode_metadata', 'check_classifier_meta']
+__all__ = ['MARKER', 'PREPROCESSING_KEYS', 'CLASSIFIER_KEYS', 'HEAD_INITIALIZER', 'FEATURES_OUTPUT', 'MetadataError',
+           'preprocessing', 'encode_metadata', 'decode_metadata', 'check_classifier_meta', 'device_head', 'rejection']
 
 MARKER = 'fewshot_lkca'  # ONNX metadata key naming the exporting package version: "one of our models"
 # key -> type, as the exported file stores them (ONNX metadata values are strings; lists travel as JSON)
@@ -23,6 +23,11 @@ _PREPROCESSING_TYPES = {'image_size': int, 'mean': list, 'std': list, 'interpola
 PREPROCESSING_KEYS = tuple(_PREPROCESSING_TYPES)
 _CLASSIFIER_TYPES = {'model': str, 'classes': list, **_PREPROCESSING_TYPES}
 CLASSIFIER_KEYS = tuple(_CLASSIFIER_TYPES)  # what a fine-tuned classifier's checkpoint must hold to be exported
+# The exported head, for learning on the device (fewshot_lkca.adapt): logits = unit(features) @ HEAD_INITIALIZER, a
+# (D, classes) fp32 matrix (the cosine head's unit class directions times its temperature, transposed), and the
+# features the head reads are the model's second output. The ONNX metadata key 'head' holds them as JSON.
+HEAD_INITIALIZER = 'fewshot_lkca_head'
+FEATURES_OUTPUT = 'features'
 # timm's defaults when a pretrained cfg leaves a field out (timm.data.resolve_data_config does the same)
 _DEFAULTS = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation='bilinear', crop_pct=0.875)
 
@@ -98,3 +103,39 @@ def check_classifier_meta(meta: Mapping, n_outputs: int, source: str) -> None:
         raise MetadataError(f'{source} is not a fine-tuned classifier of this package (lacks {", ".join(missing)})')
     if len(meta['classes']) != n_outputs:
         raise MetadataError(f'{source}: the head has {n_outputs} classes, the metadata names {len(meta["classes"])}')
+
+
+def device_head(meta: Mapping, source: str = 'the model') -> dict:
+    """The exported head's description (``initializer``, ``features`` output, ``scale``, ``dim``) from ``meta['head']``.
+
+    Raises:
+        MetadataError: The model was exported before the head could be rewritten, or the entry does not parse.
+    """
+    if 'head' not in meta:
+        raise MetadataError(f'{source} has no rewritable head (exported by an older fewshot_lkca); export its run '
+                            'again with: python -m fewshot_lkca.export RUN_DIR')
+    try:
+        head = json.loads(meta['head']) if isinstance(meta['head'], str) else dict(meta['head'])
+        head = dict(initializer=str(head['initializer']), features=str(head['features']), scale=float(head['scale']),
+                    dim=int(head['dim']))
+    except (ValueError, KeyError, TypeError):
+        raise MetadataError(f"{source}: metadata 'head' does not parse: {str(meta['head'])[:80]!r}") from None
+    if not (head['scale'] > 0 and head['dim'] > 0):
+        raise MetadataError(f"{source}: metadata 'head' holds an unusable scale or width: {head}")
+    return head
+
+
+def rejection(meta: Mapping, source: str = 'the model') -> float | None:
+    """The stored "unknown" threshold on the best class's cosine (``meta['reject']``), or None when there is none.
+
+    Raises:
+        MetadataError: The entry does not parse.
+    """
+    if 'reject' not in meta:
+        return None
+    try:
+        entry = json.loads(meta['reject']) if isinstance(meta['reject'], str) else dict(meta['reject'])
+        threshold = entry.get('threshold')
+        return None if threshold is None else float(threshold)
+    except (ValueError, TypeError, AttributeError):
+        raise MetadataError(f"{source}: metadata 'reject' does not parse: {str(meta['reject'])[:80]!r}") from None

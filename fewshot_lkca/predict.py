@@ -10,6 +10,9 @@ Examples::
 
     python -m fewshot_lkca.predict runs/my-run/model.onnx photo1.jpg photo2.png
     python -m fewshot_lkca.predict runs/my-run/model.int8.onnx photos/*.jpg --top-k 3 --json
+
+A model adapted on the device (`fewshot_lkca.adapt`) carries an "unknown" threshold on the best class's cosine: an
+image scoring below it is answered ``unknown`` (its classes are still listed); ``--no-reject`` ignores the threshold.
 """
 import argparse
 import json
@@ -22,7 +25,7 @@ import numpy as np
 from .config import ConfigError
 from .errors import DataError
 from .images import MAX_PIXELS, load_image
-from .metadata import MetadataError, decode_metadata
+from .metadata import MetadataError, decode_metadata, device_head, rejection
 from .threads import add_threads_argument, check_threads
 
 __all__ = ['PredictError', 'OnnxClassifier', 'load_rgb', 'resize', 'preprocess', 'build_parser', 'predict_command',
@@ -172,7 +175,7 @@ class OnnxClassifier:
         [{'image': 'photo.jpg', 'top': [{'label': 'knife-011', 'probability': 0.91}, ...]}]
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int = 0):
+    def __init__(self, path: str | os.PathLike, threads: int = 0, reject: bool = True):
         from .export.session import onnx_session
 
         self.path = Path(path)
@@ -185,8 +188,12 @@ class OnnxClassifier:
             raise PredictError(f'{self.path}: not an ONNX model onnxruntime can load ({first[:160]})') from None
         try:
             self.meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+            threshold = rejection(self.meta, str(self.path)) if reject else None
+            # the threshold is on the cosine: logits / the head's temperature
+            self.scale = device_head(self.meta, str(self.path))['scale'] if threshold is not None else None
         except MetadataError as e:
             raise PredictError(str(e)) from None
+        self.threshold = threshold
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise PredictError(f'{self.path}: expected one image input (N, 3, H, W), got '
@@ -196,22 +203,26 @@ class OnnxClassifier:
         if isinstance(width, int) and width != len(self.meta['classes']):
             raise PredictError(f'{self.path}: the model has {width} outputs, its metadata names '
                                f'{len(self.meta["classes"])} classes')
-        self.input_name = inputs[0].name
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
         batch = inputs[0].shape[0]
         self.max_batch = batch if isinstance(batch, int) and batch > 0 else 16  # dynamic batch: 16 at a time
         self.classes = list(self.meta['classes'])
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, classes) softmax probabilities of a preprocessed (N, 3, S, S) float32 batch."""
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(N, classes) logits of a preprocessed (N, 3, S, S) float32 batch."""
         rows = []
         for i in range(0, len(batch), self.max_batch):
             try:
-                (logits,) = self.session.run(None, {self.input_name: batch[i:i + self.max_batch]})
+                (logits,) = self.session.run([self.output_name], {self.input_name: batch[i:i + self.max_batch]})
             except Exception as e:  # onnxruntime's own exception types are not importable by name
                 raise PredictError(f'{self.path}: onnxruntime cannot run it on these images '
                                    f'({str(e).splitlines()[0][:160]})') from None
             rows.append(logits)
-        logits = np.concatenate(rows).astype(np.float64)
+        return np.concatenate(rows).astype(np.float64)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, classes) softmax probabilities of a preprocessed (N, 3, S, S) float32 batch."""
+        logits = self.logits(batch)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         return exp / exp.sum(axis=1, keepdims=True)
 
@@ -221,7 +232,8 @@ class OnnxClassifier:
 
     def iter_classify(self, images, top_k: int = 5):
         """One result per image file, in order, ``max_batch`` images in memory at a time whatever their number: the
-        top classes (``top``), or ``error`` for a file that is missing or not a readable image (the others go on)."""
+        top classes (``top``), or ``error`` for a file that is missing or not a readable image (the others go on).
+        With a threshold, ``unknown`` says whether the best class's cosine (``score``) fell below it."""
         k = min(top_k, len(self.classes))
         images = list(images)
         for start in range(0, len(images), self.max_batch):
@@ -231,14 +243,21 @@ class OnnxClassifier:
                     arrays.append(preprocess(load_rgb(path), self.meta))
                 except PredictError as e:
                     errors[i] = str(e)
-            probs = iter(self.probabilities(np.stack(arrays)) if arrays else [])
+            logits = self.logits(np.stack(arrays)) if arrays else np.zeros((0, len(self.classes)))
+            exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs, rows = iter(exp / exp.sum(axis=1, keepdims=True)), iter(logits)
             for i, path in enumerate(chunk):
                 if i in errors:
                     yield dict(image=str(path), error=errors[i])
                     continue
-                row = next(probs)
+                row, logit = next(probs), next(rows)
                 order = np.argsort(-row, kind='stable')[:k]
-                yield dict(image=str(path), top=[dict(label=self.classes[c], probability=float(row[c])) for c in order])
+                result = dict(image=str(path), top=[dict(label=self.classes[c], probability=float(row[c]))
+                                                    for c in order])
+                if self.threshold is not None:
+                    score = float(logit.max() / self.scale)
+                    result.update(unknown=score < self.threshold, score=score)
+                yield result
 
 
 # ------------------------------------------------------------------------------------------------- the CLI
@@ -248,12 +267,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument('images', type=Path, nargs='+', metavar='IMAGE', help='image files to classify')
     parser.add_argument('--top-k', type=int, default=5, help='classes to show per image (default 5)')
     parser.add_argument('--json', action='store_true', help='print one JSON document instead of text')
+    parser.add_argument('--no-reject', action='store_true',
+                        help='never answer "unknown" (ignore the threshold an adapted model carries)')
     add_threads_argument(parser)
     return parser
 
 
 def predict_command(model: Path, images: list[Path], top_k: int = 5, as_json: bool = False, threads: int = 0,
-                    out=print) -> list[dict]:
+                    out=print, reject: bool = True) -> list[dict]:
     """Classify ``images`` with ``model`` and print the result; returns it too."""
     if top_k < 1:
         raise PredictError(f'--top-k must be >= 1, got {top_k}')
@@ -261,7 +282,7 @@ def predict_command(model: Path, images: list[Path], top_k: int = 5, as_json: bo
         check_threads(threads)
     except ConfigError as e:
         raise PredictError(str(e)) from None
-    clf = OnnxClassifier(model, threads=threads)
+    clf = OnnxClassifier(model, threads=threads, reject=reject)
     results = []
     width = max(len(c) for c in clf.classes)
     for result in clf.iter_classify(images, top_k=top_k):  # printed as they come: a long list shows progress
@@ -271,17 +292,20 @@ def predict_command(model: Path, images: list[Path], top_k: int = 5, as_json: bo
         out(result['image'])
         if 'error' in result:
             out(f'  error: {result["error"]}')
+        elif result.get('unknown'):
+            out(f'  unknown (best cosine {result["score"]:.3f} < threshold {clf.threshold:.3f}; nearest classes below)')
         for item in result.get('top', []):
             out(f'  {item["label"]:<{width}}  {100 * item["probability"]:5.1f} %')
     if as_json:
-        out(json.dumps(dict(model=str(model), classes=clf.classes, results=results), indent=2))
+        out(json.dumps(dict(model=str(model), classes=clf.classes, threshold=clf.threshold, results=results), indent=2))
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        results = predict_command(args.model, args.images, top_k=args.top_k, as_json=args.json, threads=args.threads)
+        results = predict_command(args.model, args.images, top_k=args.top_k, as_json=args.json, threads=args.threads,
+                                  reject=not args.no_reject)
     except PredictError as e:
         raise SystemExit(f'error: {e}') from None
     failed = sum('error' in r for r in results)

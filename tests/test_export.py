@@ -230,6 +230,41 @@ def test_predict_on_the_exported_models_matches_pytorch(exported, folder):
 
 
 @pytest.mark.slow
+def test_the_exported_models_are_adaptable_on_the_device(exported, folder, tmp_path):
+    import onnx
+
+    from fewshot_lkca.adapt import DeviceModel, adapt, read_support
+    from fewshot_lkca.metadata import FEATURES_OUTPUT, HEAD_INITIALIZER
+    from fewshot_lkca.numpy_head import unit
+    from fewshot_lkca.predict import OnnxClassifier
+
+    run, _ = exported
+    for name in ('model.onnx', 'model.int8.onnx'):
+        proto = onnx.load(str(run / name))
+        assert [o.name for o in proto.graph.output] == ['logits', FEATURES_OUTPUT]
+        assert proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param == 'classes'
+        model = DeviceModel(run / name)
+        assert model.matrix.shape == (model.head['dim'], 3)
+        # the head in the file is the cosine head: logits = unit(features) @ matrix
+        support = read_support(folder, model.meta, log=lambda *_: None)
+        images = support.images[::9]
+        clf = OnnxClassifier(run / name)
+        np.testing.assert_allclose(clf.logits(images), unit(model.features(images)) @ model.matrix, atol=1e-4)
+        two = tmp_path / 'two' / 'x'
+        (two / 'a').mkdir(parents=True)
+        (two / 'b').mkdir()
+        paths = sorted(folder.rglob('*.png'))
+        for i, path in enumerate(paths[:4] + paths[-4:]):
+            shutil.copy(path, two / ('a' if i < 4 else 'b') / path.name)
+        out = tmp_path / f'adapted.{name}'
+        adapt(model, read_support(two, model.meta, log=lambda *_: None), out, log=lambda *_: None)
+        onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+        assert OnnxClassifier(out).classes == ['a', 'b'] and HEAD_INITIALIZER in {
+            i.name for i in onnx.load(str(out)).graph.initializer}
+        shutil.rmtree(tmp_path / 'two')
+
+
+@pytest.mark.slow
 def test_int8_alone_keeps_no_fp32_model(run_dir):
     report = export_run(run_dir, ['onnx-int8'], log=lambda *_: None)
     assert (run_dir / 'model.int8.onnx').is_file() and not (run_dir / 'model.onnx').exists()

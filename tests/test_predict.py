@@ -193,8 +193,8 @@ def test_a_bad_image_is_named_in_its_line_while_the_others_are_classified(case, 
 def test_predict_streams_in_fixed_batches(toy, tmp_path, monkeypatch):
     clf = OnnxClassifier(toy)
     seen = []
-    real = clf.probabilities
-    monkeypatch.setattr(clf, 'probabilities', lambda batch: seen.append(len(batch)) or real(batch))
+    real = clf.logits
+    monkeypatch.setattr(clf, 'logits', lambda batch: seen.append(len(batch)) or real(batch))
     image = str(_solid(tmp_path / 'one.png', (1, 2, 3)))
     assert len(clf.classify([image] * (2 * clf.max_batch + 3))) == 2 * clf.max_batch + 3
     assert seen == [clf.max_batch, clf.max_batch, 3]  # never more than one batch of images in memory

@@ -22,14 +22,33 @@ __all__ = ['write_onnx', 'write_onnx_int8', 'write_device']
 DEVICE_CHECK_IMAGES = 100  # batch-1 runtimes run one image at a time
 
 
-def _onnx_metadata(meta: dict, precision: str) -> dict[str, str]:
+def _onnx_metadata(inputs: Inputs, precision: str) -> dict[str, str]:
     from .. import __version__
-    from ..metadata import CLASSIFIER_KEYS, MARKER, encode_metadata
+    from ..metadata import CLASSIFIER_KEYS, FEATURES_OUTPUT, HEAD_INITIALIZER, MARKER, encode_metadata
 
+    meta, head = inputs.meta, inputs.model.head
     fields = {k: meta[k] for k in (*CLASSIFIER_KEYS, 'step') if k in meta}
     if meta.get('data'):  # the data set's name, not a path on the training machine
         fields['data'] = Path(str(meta['data'])).name
+    fields['head'] = dict(initializer=HEAD_INITIALIZER, features=FEATURES_OUTPUT, scale=float(head.scale.detach()),
+                          dim=int(head.weight.shape[1]))
     return encode_metadata(dict(fields, precision=precision, **{MARKER: __version__}))
+
+
+def _classes_dynamic(proto) -> None:
+    """Name the logits' class dimension rather than fix it: a device that rewrites the head changes it."""
+    logits = next((o for o in proto.graph.output if o.name == 'logits'), None)
+    if logits is None or len(logits.type.tensor_type.shape.dim) != 2:
+        return  # not the export form's graph: the checks that follow say what is wrong with it
+    dim = logits.type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_param = 'classes'
+    from ..metadata import HEAD_INITIALIZER
+
+    # no inferred copy of a shape the class count fixes (the logits', the head matrix's)
+    kept = [v for v in proto.graph.value_info if v.name not in (logits.name, HEAD_INITIALIZER)]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
 
 
 def write_onnx(inputs: Inputs, ref: Reference, path: Path, staging: Path) -> dict:
@@ -38,8 +57,12 @@ def write_onnx(inputs: Inputs, ref: Reference, path: Path, staging: Path) -> dic
     import torch
 
     start = time.perf_counter()
-    proto = export_onnx(inputs.model, ref.images[:2])
-    set_metadata(proto, _onnx_metadata(inputs.meta, 'fp32'))
+    from ..heads import ExportForm
+    from ..metadata import FEATURES_OUTPUT
+
+    proto = export_onnx(ExportForm(inputs.model), ref.images[:2], output_name=('logits', FEATURES_OUTPUT))
+    _classes_dynamic(proto)
+    set_metadata(proto, _onnx_metadata(inputs, 'fp32'))
     check_onnx(proto)
     staged = staging / f'checked.{path.name}'
     save_onnx(proto, staged)
@@ -68,7 +91,8 @@ def write_onnx_int8(inputs: Inputs, path: Path, fp32_path: Path, staging: Path) 
     quantized = staging / f'quantized.{path.name}'
     report = quantize_onnx(fp32_path, quantized, inputs.calibration)
     proto = onnx.load(str(quantized))
-    set_metadata(proto, _onnx_metadata(inputs.meta, 'int8'))  # whatever the quantizer kept, ours is complete
+    _classes_dynamic(proto)  # the quantizer's shape inference fixed it again
+    set_metadata(proto, _onnx_metadata(inputs, 'int8'))  # whatever the quantizer kept, ours is complete
     check_onnx(proto, 'the int8 ONNX model')
     save_onnx(proto, path)
     seconds = time.perf_counter() - start

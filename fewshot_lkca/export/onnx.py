@@ -17,11 +17,11 @@ from .formats import ExportError
 __all__ = ['export_onnx', 'check_onnx', 'save_onnx', 'set_metadata', 'opset', 'parity']
 
 
-def export_onnx(model, example, output_name: str = 'logits'):
+def export_onnx(model, example, output_name: str | tuple[str, ...] = 'logits'):
     """The fp32 ``onnx.ModelProto`` of ``model`` (eval mode) with input ``image`` and a dynamic batch.
 
     Args:
-        model: A torch module returning one tensor.
+        model: A torch module returning one tensor (or a tuple: then ``output_name`` names each).
         example: A (N, 3, S, S) input with N >= 2 (torch.export fixes a batch of 1 as a constant).
 
     Raises:
@@ -29,13 +29,14 @@ def export_onnx(model, example, output_name: str = 'logits'):
     """
     import torch
 
+    output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     if example.shape[0] < 2:
         example = example.repeat(2, 1, 1, 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the exporter's deprecation and tracing notes are not the user's business
             program = torch.onnx.export(model.eval(), (example,), None, dynamo=True, optimize=True, verbose=False,
-                                        input_names=['image'], output_names=[output_name],
+                                        input_names=['image'], output_names=output_names,
                                         dynamic_shapes=({0: torch.export.Dim('batch')},))
     except Exception as e:  # the exporter raises many types; one line names its complaint
         raise ExportError(f'ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}') from e
