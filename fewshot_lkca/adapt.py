@@ -44,7 +44,8 @@ from .predict import PredictError, load_rgb, preprocess
 from .threads import add_threads_argument, check_threads
 
 __all__ = ['AdaptError', 'SupportSet', 'HEAD_STEPS', 'HEAD_LR', 'HEAD_ANCHOR', 'LABEL_SMOOTHING', 'REJECT_QUANTILE',
-           'read_support', 'DeviceModel', 'adapt', 'build_parser', 'adapt_command', 'main']
+           'read_support', 'DeviceModel', 'DeviceHead', 'fit_head', 'threshold', 'adapt', 'build_parser',
+           'adapt_command', 'main']
 
 # The host's linear probe (recipes/linear_probe.yaml), chosen on 50 val tasks: 100 full-batch steps at 0.003 x 10,
 # a pull of 1 back to the prototypes, label smoothing 0.1 (fewshot_lkca.config).
@@ -162,8 +163,10 @@ class DeviceModel:
             return {}
 
 
-def _threshold(scores: dict[str, list[float]]) -> float | None:
-    pooled = [s for v in scores.values() for s in v]
+def threshold(scores) -> float | None:
+    """The "unknown" threshold: the `REJECT_QUANTILE` quantile of the leave-one-out scores (a list, or lists per
+    class); None with fewer than two."""
+    pooled = [s for v in scores.values() for s in v] if isinstance(scores, dict) else list(scores)
     return float(np.quantile(pooled, REJECT_QUANTILE)) if len(pooled) >= 2 else None
 
 
@@ -184,6 +187,39 @@ def _check_names(model: DeviceModel, new: list[str], add: bool, remove: list[str
     return kept
 
 
+@dataclass
+class DeviceHead:
+    """A head fitted on the device: unit class directions, what the guard decided, and the leave-one-out scores
+    (each support image's best cosine under a head that never saw it, with its label) the threshold is taken from."""
+    directions: np.ndarray
+    decision: dict
+    loo_best: np.ndarray
+    loo_labels: np.ndarray
+
+
+def fit_head(features: np.ndarray, labels: np.ndarray, n_way: int, scale: float, known: np.ndarray | None = None,
+             steps: int = HEAD_STEPS) -> DeviceHead:
+    """The host's linear probe and its guard, in numpy: train from the prototypes (classes 0..K-1 ``known``, kept),
+    and keep the trained head only when leave-one-out on the support set is not worse than the prototypes'."""
+    fit = dict(scale=scale, label_smoothing=LABEL_SMOOTHING, anchor=HEAD_ANCHOR, known=known)
+    left, cos_trained, pred_trained = loo_scores(features, labels, n_way, steps, HEAD_LR, **fit)
+    _, cos_protos, pred_protos = loo_scores(features, labels, n_way, 0, HEAD_LR, **fit)
+    if len(left):
+        acc_trained = float((pred_trained == labels[left]).mean())
+        acc_protos = float((pred_protos == labels[left]).mean())
+        trained = acc_trained >= acc_protos
+        decision = dict(loo_trained=acc_trained, loo_prototypes=acc_protos)
+        why = (f'leave-one-out on the support set: trained head {100 * acc_trained:.0f} % '
+               f'{">=" if trained else "<"} prototypes {100 * acc_protos:.0f} %')
+    else:
+        trained, decision = False, {}
+        why = 'one image per class: leave-one-out cannot tell, so the prototypes stay'
+    decision.update(kept='trained' if trained else 'prototypes', reason=why)
+    directions = fit_directions(features, labels, n_way, steps if trained else 0, HEAD_LR, **fit)
+    cos = cos_trained if trained else cos_protos
+    return DeviceHead(directions, decision, cos.max(1) if len(left) else np.zeros(0), labels[left])
+
+
 def adapt(model: DeviceModel, support: SupportSet | None, out: Path, *, add: bool = False, remove=(),
           reject: bool = True, steps: int = HEAD_STEPS, log=print) -> dict:
     """Fit the head to ``support`` (or only drop ``remove``) and write the adapted model to ``out``.
@@ -202,32 +238,19 @@ def adapt(model: DeviceModel, support: SupportSet | None, out: Path, *, add: boo
     else:
         feats = model.features(support.images)
         labels = support.labels + len(kept)
-        fit = dict(scale=model.head['scale'], label_smoothing=LABEL_SMOOTHING, anchor=HEAD_ANCHOR, known=known)
-        left, cos_trained, pred_trained = loo_scores(feats, labels, len(classes), steps, HEAD_LR, **fit)
-        _, cos_protos, pred_protos = loo_scores(feats, labels, len(classes), 0, HEAD_LR, **fit)
-        if len(left):
-            acc_trained = float((pred_trained == labels[left]).mean())
-            acc_protos = float((pred_protos == labels[left]).mean())
-            trained = acc_trained >= acc_protos
-            report.update(loo_trained=acc_trained, loo_prototypes=acc_protos)
-            why = (f'leave-one-out on the support set: trained head {100 * acc_trained:.0f} % '
-                   f'{">=" if trained else "<"} prototypes {100 * acc_protos:.0f} %')
-        else:
-            trained, why = False, 'one image per class: leave-one-out cannot tell, so the prototypes stay'
-        report.update(kept='trained' if trained else 'prototypes', reason=why, images=len(labels),
-                      skipped=len(support.skipped))
-        directions = fit_directions(feats, labels, len(classes), steps if trained else 0, HEAD_LR, **fit)
-        cos = cos_trained if trained else cos_protos
+        head = fit_head(feats, labels, len(classes), model.head['scale'], known, steps)
+        directions = head.directions
+        report.update({k: v for k, v in head.decision.items()}, images=len(labels), skipped=len(support.skipped))
         per_class = MAX_SCORES // len(classes)  # what the metadata keeps: an even share per class
         for c, name in enumerate(classes[len(kept):], start=len(kept)):
-            scores[name] = [round(float(s), 4) for s in cos.max(1)[labels[left] == c]][:per_class]
-        log(f'head: kept the {report["kept"]} ({why})')
-    threshold = _threshold(scores) if reject else None
-    report.update(threshold=threshold, calibration_scores=sum(len(v) for v in scores.values()))
+            scores[name] = [round(float(s), 4) for s in head.loo_best[head.loo_labels == c]][:per_class]
+        log(f'head: kept the {report["kept"]} ({report["reason"]})')
+    limit = threshold(scores) if reject else None
+    report.update(threshold=limit, calibration_scores=sum(len(v) for v in scores.values()))
     matrix = (model.head['scale'] * directions.T).astype(np.float32)  # (D, classes)
     props = dict(model.file.metadata)
     props.update(encode_metadata(dict(
-        classes=classes, reject=dict(threshold=threshold, quantile=REJECT_QUANTILE, scores=scores),
+        classes=classes, reject=dict(threshold=limit, quantile=REJECT_QUANTILE, scores=scores),
         adapted=dict(by='fewshot_lkca.adapt', kept=kept, added=new, removed=list(remove),
                      images=report.get('images', 0)))))
     data = model.file.rewrite({model.head['initializer']: matrix}, props)
