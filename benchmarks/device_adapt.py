@@ -188,8 +188,9 @@ def time_command(model_path: Path, dataset, sampler_args: tuple, tasks: int, wor
     plan = sampler.plan(0)
     folder = work / 'support'
     for i, (index, y) in enumerate(zip(plan.support_idx, plan.support_y, strict=True)):
-        (folder / plan.class_names[y]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(dataset.load(index)).save(folder / plan.class_names[y] / f'{i}.png')
+        name = plan.class_names[y].replace('/', '_')  # Omniglot's 'alphabet/character'
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(dataset.load(index)).save(folder / name / f'{i}.png')
     argv = ['fewshot_lkca.adapt', str(model_path), str(folder), '--out', str(work / 'adapted.onnx'), '--threads', '1']
     start = time.perf_counter()
     done = subprocess.run([sys.executable, '-c', _MEASURED.format(argv=argv)], capture_output=True, text=True)
