@@ -19,7 +19,7 @@ from timm.layers import GroupNorm1
 from timm.layers.coord_attn import CoordAttn
 from torch import nn
 
-__all__ = ['CoordAttention', 'coord_attention_mip', 'gate_bias_for']
+__all__ = ['CoordAttention', 'CoordAttentionExport', 'coord_attention_mip', 'gate_bias_for']
 
 _NORMS = {'gn': GroupNorm1, 'bn': nn.BatchNorm2d}
 
@@ -96,3 +96,58 @@ class CoordAttention(CoordAttn):
         for conv in (self.conv_h, self.conv_w):
             conv.weight.zero_()
             conv.bias.copy_(bias)
+
+
+class CoordAttentionExport(nn.Module):
+    """The function of a `CoordAttention` in ops that device runtimes delegate whole (the form exports trace).
+
+    The training form pools with ``mean`` over one axis, transposes, splits and calls ``GroupNorm``: XNNPACK
+    (ExecuTorch 1.5) delegates a mean only over (2, 3) with keepdim and has no group_norm or split, so each of those
+    ops cut the graph (lkca_mobilenet: 28 delegate segments). Here, same numbers within float rounding:
+
+    * strip means as ``avg_pool2d`` with a (1, W) and an (H, 1) window;
+    * the transposes as reshapes (one of the two swapped axes has size 1, so the memory order is the same);
+    * ``GroupNorm(1, C)`` written out: the statistics as means over (2, 3) of a (N, 1, C, L) view, ``rsqrt``, then
+      the per-channel scale and shift (a BatchNorm bottleneck, in eval mode, is applied as it is);
+    * the split as two slices.
+
+    Built from a trained module with `CoordAttentionExport.of`, sharing its parameters.
+    """
+
+    def __init__(self, attention: CoordAttn):
+        super().__init__()
+        self.conv1, self.bn1, self.act = attention.conv1, attention.bn1, attention.act
+        self.conv_h, self.conv_w, self.gate = attention.conv_h, attention.conv_w, attention.gate
+        self.has_skip = attention.has_skip
+        self.group_norm = isinstance(self.bn1, nn.GroupNorm)
+        if self.group_norm and self.bn1.num_groups != 1:
+            raise ValueError(f'the export form writes out GroupNorm with one group, got {self.bn1.num_groups}')
+
+    @classmethod
+    def of(cls, model: nn.Module) -> nn.Module:
+        """``model`` with every coordinate attention in it (or itself) replaced by its export form, in place."""
+        if isinstance(model, CoordAttn):
+            return cls(model)
+        for name, child in model.named_children():
+            setattr(model, name, cls.of(child))
+        return model
+
+    def _norm(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.group_norm:
+            return self.bn1(y)
+        n, c, length, _ = y.shape
+        flat = y.reshape(-1, 1, c, length)  # (N, C, L, 1) -> (N, 1, C, L): one group's values on the last two axes
+        centred = flat - flat.mean((2, 3), keepdim=True)
+        scaled = centred * torch.rsqrt((centred * centred).mean((2, 3), keepdim=True) + self.bn1.eps)
+        return scaled.reshape(-1, c, length, 1) * self.bn1.weight.view(1, c, 1, 1) + self.bn1.bias.view(1, c, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        x_h = nn.functional.avg_pool2d(x, (1, w))  # (N, C, H, 1)
+        x_w = nn.functional.avg_pool2d(x, (h, 1)).reshape(-1, c, w, 1)  # (N, C, 1, W) -> (N, C, W, 1)
+        y = self.act(self._norm(self.conv1(torch.cat([x_h, x_w], dim=2))))
+        mip = y.shape[1]
+        a_h = self.gate(self.conv_h(y[:, :, :h]))
+        a_w = self.gate(self.conv_w(y[:, :, h:].reshape(-1, mip, 1, w)))
+        out = x * a_w * a_h
+        return out + x if self.has_skip else out
