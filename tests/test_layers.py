@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot_lkca.layers import CRU, LKCA, SRU, CoordAttention, DepthwiseSeparable3x3, SCConv, create_block_attn
+from fewshot_lkca.layers import (CRU, LKCA, SRU, CoordAttention, CoordAttentionExport, DepthwiseSeparable3x3, SCConv,
+                                 create_block_attn)
 
 
 class _DeadAttention(nn.Module):
@@ -136,3 +137,42 @@ def test_block_attention_factory_rejects_unknown_names():
     assert isinstance(create_block_attn(None, 8), nn.Identity)
     with pytest.raises(ValueError, match="Unknown attention 'cbam'"):
         create_block_attn('cbam', 8)
+
+
+@pytest.mark.parametrize('norm', ['gn', 'bn'])
+def test_coord_attention_export_form_computes_the_same_function(norm):
+    torch.manual_seed(0)
+    ca = CoordAttention(48, norm=norm)
+    for conv in (ca.conv1, ca.conv_h, ca.conv_w):  # gates far from their pass-through start
+        nn.init.normal_(conv.weight, std=0.5)
+    if norm == 'bn':
+        ca.bn1.running_mean.normal_()
+        ca.bn1.running_var.uniform_(0.5, 2)
+    ca.bn1.weight.data.uniform_(0.5, 2)
+    ca.bn1.bias.data.normal_()
+    ca.eval()
+    exported = CoordAttentionExport(ca)
+    for shape in [(1, 48, 7, 7), (3, 48, 5, 9), (2, 48, 12, 1)]:
+        x = torch.randn(shape) * 3
+        with torch.no_grad():
+            reference, ours = ca(x), exported(x)
+        assert (reference - x).abs().max() > 0.1  # the attention does something
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_export_form_swaps_every_coordinate_attention_and_leaves_the_model_alone():
+    import timm
+
+    from fewshot_lkca.heads import export_form
+
+    model = timm.create_model('lkca_mobilenet', num_classes=0).eval()
+    swapped = export_form(model)
+    assert swapped is not model and any(isinstance(m, CoordAttention) for m in model.modules())
+    assert not any(isinstance(m, CoordAttention) for m in swapped.modules())
+    assert sum(isinstance(m, CoordAttentionExport) for m in swapped.modules()) == sum(
+        isinstance(m, CoordAttention) for m in model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), model(x), rtol=1e-4, atol=1e-5)
+    plain = timm.create_model('lkca_mobilenet_dw3', num_classes=0)
+    assert export_form(plain) is plain  # nothing to swap: no copy

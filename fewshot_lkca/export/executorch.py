@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write
+from ..heads import export_form
 from .device import (
     EvalMode,
     RuntimeExportError,
@@ -145,10 +146,11 @@ def export_executorch(model: nn.Module, path: Path, example: torch.Tensor, calib
     with EvalMode(model), torch.no_grad():
         references = {k: run_in_batches(lambda b: pytorch_logits(model, b), v, len(example)) for k, v in sets.items()}
         try:
+            traced = export_form(model).eval()  # coordinate attention in ops XNNPACK delegates (one segment)
             if calibration is None:
-                exported = torch.export.export(model, (example,))
+                exported = torch.export.export(traced, (example,))
             else:
-                exported = _quantize_int8(model, example, calibration)
+                exported = _quantize_int8(traced, example, calibration)
             buffer, delegation = _lower_to_pte(exported)
         except Exception as e:  # export and lowering raise many types; the one line names the stage's complaint
             raise RuntimeExportError(f'ExecuTorch {precision} export failed: {type(e).__name__}: '

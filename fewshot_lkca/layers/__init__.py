@@ -1,11 +1,12 @@
 """Operators of the LKCA design family."""
 from .attention import ATTN_LAYERS, create_block_attn
-from .coord_attention import CoordAttention, coord_attention_mip, gate_bias_for
+from .coord_attention import CoordAttention, CoordAttentionExport, coord_attention_mip, gate_bias_for
 from .lkca import LKCA, DepthwiseSeparable3x3
 from .scconv import CRU, SRU, SCConv
 
 __all__ = [
-    'ATTN_LAYERS', 'create_block_attn', 'CoordAttention', 'coord_attention_mip', 'gate_bias_for',
+    'ATTN_LAYERS', 'create_block_attn', 'CoordAttention', 'CoordAttentionExport', 'coord_attention_mip',
+    'gate_bias_for',
     'LKCA', 'DepthwiseSeparable3x3', 'CRU', 'SRU', 'SCConv',
 ]
 

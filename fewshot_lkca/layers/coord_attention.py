@@ -151,3 +151,4 @@ class CoordAttentionExport(nn.Module):
         a_w = self.gate(self.conv_w(y[:, :, h:].reshape(-1, mip, 1, w)))
         out = x * a_w * a_h
         return out + x if self.has_skip else out
+
