@@ -312,6 +312,8 @@ def adapt_command(args: argparse.Namespace, log=print) -> dict:
     if args.out.exists() and args.model.exists() and args.out.resolve() == args.model.resolve():
         raise AdaptError(f'--out {args.out} is the input model: choose another name (the input is kept as it is)')
     model = DeviceModel(args.model, threads=args.threads)
+    if args.support is not None:  # a name clash or a bad --remove is refused before any image is read
+        _check_names(model, [f.name for f in _class_folders(args.support)], args.add, args.remove)
     support = read_support(args.support, model.meta, log) if args.support is not None else None
     report = adapt(model, support, args.out, add=args.add, remove=args.remove, reject=not args.no_reject,
                    steps=args.steps, log=log)
