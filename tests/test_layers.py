@@ -3,8 +3,16 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot_lkca.layers import (CRU, LKCA, SRU, CoordAttention, CoordAttentionExport, DepthwiseSeparable3x3, SCConv,
-                                 create_block_attn)
+from fewshot_lkca.layers import (
+    CRU,
+    LKCA,
+    SRU,
+    CoordAttention,
+    CoordAttentionExport,
+    DepthwiseSeparable3x3,
+    SCConv,
+    create_block_attn,
+)
 
 
 class _DeadAttention(nn.Module):
