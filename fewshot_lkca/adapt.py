@@ -240,7 +240,7 @@ def adapt(model: DeviceModel, support: SupportSet | None, out: Path, *, add: boo
         labels = support.labels + len(kept)
         head = fit_head(feats, labels, len(classes), model.head['scale'], known, steps)
         directions = head.directions
-        report.update({k: v for k, v in head.decision.items()}, images=len(labels), skipped=len(support.skipped))
+        report.update(head.decision, images=len(labels), skipped=len(support.skipped))
         per_class = MAX_SCORES // len(classes)  # what the metadata keeps: an even share per class
         for c, name in enumerate(classes[len(kept):], start=len(kept)):
             scores[name] = [round(float(s), 4) for s in head.loo_best[head.loo_labels == c]][:per_class]

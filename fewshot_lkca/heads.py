@@ -83,10 +83,7 @@ class ExportForm(nn.Module):
     def __init__(self, model: FewShotClassifier):
         super().__init__()
         self.model = model
-        with torch.no_grad():
-            head = model.head
-            matrix = (head.scale * nn.functional.normalize(head.weight, dim=1)).t().contiguous()
-        self.register_buffer(HEAD_INITIALIZER, matrix)
+        self.register_buffer(HEAD_INITIALIZER, CosineHeadExport(model.head).matrix)  # the one head-matrix rule
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.features(x)
