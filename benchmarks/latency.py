@@ -22,9 +22,14 @@ Measured, side by side in one run so that ratios hold on a shared machine:
   alphabets when ``../shared`` has them, else the built-in look-alike set), the same episodes for every runtime;
   ``agreement``: the share of query predictions equal to PyTorch's; ``cosine``: mean feature cosine to PyTorch.
 
+The JSON keeps one record per (model, runtime, size, threads) with ``ms``, ``speedup_vs_fp32`` (int8 over the same
+runtime's fp32), ``agreement`` and ``segments`` (ExecuTorch's XNNPACK delegate segments), so that a later run can be
+compared record by record; ``targets`` states the int8 and the MobileNetV3-Small comparisons per size and threads.
+
 Run from the repository root (defaults: about 10 min on 2 cores)::
 
     python -m benchmarks.latency
+    python -m benchmarks.latency --models lkca_mobilenet,tf_mobilenetv3_small_100 --size 96,224 --threads 1,2
     python -m benchmarks.latency --models lkca_mobilenet --threads 1 --runs 60
 """
 import argparse
@@ -44,9 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import cpu_name
+from benchmarks.common import cpu_flags, cpu_name
 
-__all__ = ['DEFAULT_MODELS', 'RUNTIMES', 'episode_predictions', 'benchmark', 'format_table', 'main']
+__all__ = ['DEFAULT_MODELS', 'RUNTIMES', 'episode_predictions', 'benchmark', 'targets', 'format_table', 'main']
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
@@ -151,11 +156,11 @@ def _build(name: str, weights: Path | None):
 
 
 def _prepare(name: str, weights: Path | None, size: int, runtimes: Sequence[str], calibration: np.ndarray,
-             folder: Path, log) -> dict:
+             folder: Path, depthwise: str, log) -> dict:
     """Every artifact of one model: {runtime: dict(path, bytes, features_fn, worker_args, report, error)}."""
     import torch
 
-    from fewshot_lkca.export.int8 import quantize_onnx
+    from fewshot_lkca.export.int8 import depthwise_plan, quantize_onnx
 
     model = _build(name, weights)
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -180,7 +185,8 @@ def _prepare(name: str, weights: Path | None, size: int, runtimes: Sequence[str]
                 path, report = fp32, None
             elif runtime == 'onnx-int8':
                 path = folder / f'{name}.int8.onnx'
-                report = quantize_onnx(fp32, path, calibration)
+                plan = depthwise_plan(name) if depthwise == 'recorded' else depthwise
+                report = quantize_onnx(fp32, path, calibration, depthwise=plan)
             else:
                 from fewshot_lkca.export.executorch import export_executorch
 
@@ -275,99 +281,158 @@ def _time_in_processes(workers: dict, size: int, threads: int, runs: int, warmup
 
 
 # ------------------------------------------------------------------------------------------------ the benchmark
-def benchmark(models: Sequence[str], runtimes: Sequence[str], size: int = 224, threads: Sequence[int] = (1, 2),
-              runs: int = 100, warmup: int = 10, rounds: int = 10, episodes: int = 300, data: str = 'auto',
-              classes: int = 40, weights: Path | None = None, log=print) -> tuple[list[dict], dict]:
-    """Rows (one per model and runtime) and a description of the data; see the module docstring."""
+FP32_OF = {'onnx-int8': 'onnx', 'executorch-int8': 'executorch', 'onnx': 'onnx', 'executorch': 'executorch'}
+FP32_RUNTIMES = ('onnx', 'executorch')  # the device runtimes, for "best fp32 runtime"
+INT8_RUNTIMES = ('onnx-int8', 'executorch-int8')
+
+
+def _quality(feats: dict, runtime: str, labels: np.ndarray, episodes: int, truth_pred: np.ndarray,
+             truth: np.ndarray) -> dict:
+    """Nearest-prototype accuracy, agreement with PyTorch's predictions and feature cosine of one runtime."""
+    pred, _ = episode_predictions(feats[runtime], labels, episodes)
+    f, r = feats[runtime], feats['torch']
+    norms = np.maximum(np.linalg.norm(f, axis=1) * np.linalg.norm(r, axis=1), 1e-12)
+    cosine = (f * r).sum(1) / norms  # 0 for an all-zero feature
+    correct = (pred == truth).reshape(episodes, -1).mean(1)
+    return dict(accuracy=float(correct.mean()), accuracy_ci=float(1.96 * correct.std() / math.sqrt(episodes)),
+                agreement=float((pred == truth_pred).mean()), cosine=float(cosine.mean()))
+
+
+def _time_model(name: str, artifacts: dict, ok: Sequence[str], size: int, threads: Sequence[int], runs: int,
+                warmup: int, rounds: int) -> dict[tuple[str, int], list[float]]:
+    """{(runtime, threads): milliseconds} of one model's working runtimes; see the module docstring for how."""
     import torch
 
     from benchmarks.backbones import time_round_robin
 
+    samples = {}
+    if 1 in threads:
+        x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+        torch.set_num_threads(1)
+        mine = {}
+        for rt in (r for r in ok if not r.startswith('executorch')):
+            if rt.startswith('onnx'):  # sessions made for the features may use more threads
+                mine[rt] = functools.partial(_run_ort, _ort_session(artifacts[rt]['path'], 1), x)
+            else:
+                mine[rt] = functools.partial(artifacts[rt]['fn'], x)
+        samples.update({(rt, 1): ms for rt, ms in time_round_robin(mine, runs, warmup, rounds).items()})
+        own = {rt: artifacts[rt]['worker'] for rt in ok if rt.startswith('executorch')}
+        if own:  # ExecuTorch's pool size is set once per process: its 1-thread runs get processes of their own
+            timed = _time_in_processes(own, size, 1, runs, warmup, min(rounds, 3))
+            samples.update({(rt, 1): ms for rt, ms in timed.items()})
+    for t in (t for t in threads if t != 1):
+        timed = _time_in_processes({rt: artifacts[rt]['worker'] for rt in ok}, size, t, runs, warmup, min(rounds, 3))
+        samples.update({(rt, t): ms for rt, ms in timed.items()})
+    return samples
+
+
+def benchmark(models: Sequence[str], runtimes: Sequence[str], sizes: Sequence[int] = (224,),
+              threads: Sequence[int] = (1, 2), runs: int = 100, warmup: int = 10, rounds: int = 10,
+              episodes: int = 300, data: str = 'auto', classes: int = 40, weights: Path | None = None,
+              depthwise: str = 'recorded', log=print) -> tuple[list[dict], dict]:
+    """Records, one per (model, runtime, size, threads), and what was run on; see the module docstring.
+
+    A record holds ``ms`` (median), ``runs``, ``speedup_vs_fp32`` (int8: the same runtime's fp32 time over its
+    time; fp32 runtimes 1.0; PyTorch None), ``vs_onnx_fp32``, ``size_mb``, the episode ``accuracy`` (+-
+    ``accuracy_ci``), ``agreement`` and ``cosine`` with PyTorch, and for ExecuTorch ``segments`` (XNNPACK delegate
+    segments) and ``ops_outside``; or ``error`` when that runtime failed for the model.
+    """
     data = ('omniglot' if OMNIGLOT.is_dir() else 'lookalike') if data == 'auto' else data
-    images, labels, calibration, what = load_data(data, size, classes)
-    log(what)
-    rows, calls, workers = [], {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
-            log(f'{name}: exporting and quantizing')
-            artifacts = _prepare(name, weights, size, runtimes, calibration, Path(tmp), log)
-            log(f'{name}: features of {len(images)} images in every runtime, then timing')
-            feats = {rt: _batched(a['fn'], images, 1 if rt.startswith('executorch') else 32)
-                     for rt, a in artifacts.items() if 'fn' in a}
-            truth_pred, truth = episode_predictions(feats['torch'], labels, episodes)
-            for runtime in runtimes:
-                a = artifacts.get(runtime, {})
-                row = dict(model=name, runtime=runtime)
-                if 'error' in a:
-                    rows.append({**row, 'error': a['error']})
-                    continue
-                pred, _ = episode_predictions(feats[runtime], labels, episodes)
-                f, r = feats[runtime], feats['torch']
-                norms = np.maximum(np.linalg.norm(f, axis=1) * np.linalg.norm(r, axis=1), 1e-12)
-                cosine = (f * r).sum(1) / norms  # 0 for an all-zero feature
-                correct = (pred == truth).reshape(episodes, -1).mean(1)
-                row.update(size_mb=a['bytes'] / 1e6, accuracy=float(correct.mean()),
-                           accuracy_ci=float(1.96 * correct.std() / math.sqrt(episodes)),
-                           agreement=float((pred == truth_pred).mean()), cosine=float(cosine.mean()))
-                if a.get('report') and runtime == 'onnx-int8':
-                    row['quantization'] = a['report']
-                rows.append(row)
-                calls[name, runtime] = a['fn']
-                workers[name, runtime] = a['worker']
-            if 1 in threads:
-                x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-                mine = {k: functools.partial(fn, x) for k, fn in calls.items()
-                        if k[0] == name and not k[1].startswith('executorch')}
-                torch.set_num_threads(1)
-                if 'onnx' in runtimes or 'onnx-int8' in runtimes:  # sessions made for features may use more threads
-                    for rt in ('onnx', 'onnx-int8'):
-                        if (name, rt) in mine:
-                            mine[name, rt] = functools.partial(_run_ort, _ort_session(artifacts[rt]['path'], 1), x)
-                samples = time_round_robin(mine, runs, warmup, rounds)
-                own = {k: w for k, w in workers.items() if k[0] == name and k[1].startswith('executorch')}
-                if own:  # ExecuTorch's pool size is set once per process: its 1-thread runs get processes of their own
-                    samples.update(_time_in_processes(own, size, 1, runs, warmup, min(rounds, 3)))
-                for key, ms in samples.items():
-                    _row(rows, key)['ms_1t'] = statistics.median(ms)
-                    _row(rows, key)['runs_1t'] = len(ms)
-            for t in (t for t in threads if t != 1):
-                mine = {k: w for k, w in workers.items() if k[0] == name}
-                for key, ms in _time_in_processes(mine, size, t, runs, warmup, min(rounds, 3)).items():
-                    _row(rows, key)[f'ms_{t}t'] = statistics.median(ms)
-                    _row(rows, key)[f'runs_{t}t'] = len(ms)
-    for row in rows:
-        base = next((r for r in rows if r['model'] == row['model'] and r['runtime'] == BASELINE), {})
-        for t in threads:
-            ms, ref = row.get(f'ms_{t}t'), base.get(f'ms_{t}t')
-            row[f'speedup_{t}t'] = ref / ms if ms and ref else None
-    return rows, dict(data=what)
+    records, info = [], dict(data={}, quantization={})
+    for size in sizes:
+        images, labels, calibration, what = load_data(data, size, classes)
+        log(what)
+        info['data'][str(size)] = what
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in models:
+                log(f'{name} at {size} px: exporting and quantizing')
+                artifacts = _prepare(name, weights, size, runtimes, calibration, Path(tmp), depthwise, log)
+                log(f'{name} at {size} px: features of {len(images)} images in every runtime, then timing')
+                feats = {rt: _batched(a['fn'], images, 1 if rt.startswith('executorch') else 32)
+                         for rt, a in artifacts.items() if 'fn' in a}
+                truth_pred, truth = episode_predictions(feats['torch'], labels, episodes)
+                ok = [rt for rt in runtimes if 'fn' in artifacts.get(rt, {})]
+                samples = _time_model(name, artifacts, ok, size, threads, runs, warmup, rounds)
+                for runtime in runtimes:
+                    a = artifacts.get(runtime, {})
+                    if runtime == 'onnx-int8' and a.get('report'):
+                        info['quantization'][f'{name}@{size}'] = a['report']
+                    for t in threads:
+                        record = dict(model=name, runtime=runtime, size=size, threads=t)
+                        if 'error' in a:
+                            records.append({**record, 'error': a['error']})
+                            continue
+                        ms = samples[runtime, t]
+                        record.update(ms=statistics.median(ms), runs=len(ms), size_mb=a['bytes'] / 1e6,
+                                      **_quality(feats, runtime, labels, episodes, truth_pred, truth))
+                        if runtime.startswith('executorch'):
+                            record.update(segments=a['report'].get('delegated_segments'),
+                                          ops_outside=a['report'].get('ops_outside_delegate'))
+                        records.append(record)
+    for record in records:
+        record['speedup_vs_fp32'] = _ratio(records, record, FP32_OF.get(record['runtime']))
+        record['vs_onnx_fp32'] = _ratio(records, record, BASELINE)
+    return records, info
 
 
-def _row(rows: list[dict], key: tuple[str, str]) -> dict:
-    return next(r for r in rows if (r['model'], r['runtime']) == key)
+def _find(records: Sequence[dict], model: str, runtime: str, size: int, threads: int) -> dict | None:
+    return next((r for r in records if (r['model'], r['runtime'], r['size'], r['threads']) ==
+                 (model, runtime, size, threads) and 'ms' in r), None)
+
+
+def _ratio(records: Sequence[dict], record: dict, reference: str | None) -> float | None:
+    """``reference``'s time over ``record``'s, same model, size and threads (None when either is missing)."""
+    ref = _find(records, record['model'], reference, record['size'], record['threads']) if reference else None
+    return ref['ms'] / record['ms'] if ref and 'ms' in record else None
+
+
+def targets(records: Sequence[dict], model: str = 'lkca_mobilenet',
+            reference: str = 'tf_mobilenetv3_small_100') -> list[str]:
+    """The issue's targets, one line per (size, threads): int8 over its fp32 per runtime, and ``model``'s best int8
+    runtime against ``reference``'s best fp32 runtime."""
+    lines = []
+    for size, t in dict.fromkeys((r['size'], r['threads']) for r in records):
+        ours = [r for rt in INT8_RUNTIMES if (r := _find(records, model, rt, size, t))]
+        theirs = [r for rt in FP32_RUNTIMES if (r := _find(records, reference, rt, size, t))]
+        if not ours:
+            continue
+        gains = ', '.join(f"{r['runtime']} {r['speedup_vs_fp32']:.2f}x" for r in ours if r['speedup_vs_fp32'])
+        line = f'{size} px, {t} thread{"s" * (t > 1)}: {model} int8 over its fp32: {gains} (target >= 1.5x)'
+        if theirs:
+            best, base = min(ours, key=lambda r: r['ms']), min(theirs, key=lambda r: r['ms'])
+            verdict = 'met' if best['ms'] <= base['ms'] else 'missed'
+            line += (f"; best int8 {best['ms']:.2f} ms ({best['runtime']}) vs {reference} best fp32 "
+                     f"{base['ms']:.2f} ms ({base['runtime']}): {base['ms'] / best['ms']:.2f}x ({verdict})")
+        lines.append(line)
+    return lines
 
 
 def _fmt(value, spec: str) -> str:
     return '-' if value is None else format(value, spec)
 
 
-def format_table(rows: Sequence[dict], threads: Sequence[int]) -> str:
-    """Markdown table of `benchmark` rows."""
+def format_table(records: Sequence[dict], size: int, threads: Sequence[int]) -> str:
+    """Markdown table of the `benchmark` records at one input size: a row per model and runtime."""
     head = ['model', 'runtime', 'size (MB)']
     for t in threads:
-        head += [f'ms, {t} thread{"s" if t > 1 else ""}', f'vs ONNX fp32 ({t}t)']
-    head += ['5-way 5-shot acc (%)', 'agreement with torch (%)', 'feature cosine']
+        head += [f'ms, {t} thread{"s" if t > 1 else ""}', f'int8 vs its fp32 ({t}t)']
+    head += ['XNNPACK segments', '5-way 5-shot acc (%)', 'agreement with torch (%)', 'feature cosine']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join([':---', ':---'] + ['---:'] * (len(head) - 2)) + '|']
-    for r in rows:
-        if 'error' in r:
-            cells = [r['model'], r['runtime'], f"failed: {r['error']}".replace('|', '\\|')] + ['-'] * (len(head) - 3)
+    keys = dict.fromkeys((r['model'], r['runtime']) for r in records if r['size'] == size)
+    for model, runtime in keys:
+        mine = {r['threads']: r for r in records if (r['model'], r['runtime'], r['size']) == (model, runtime, size)}
+        first = mine[min(mine)]
+        if 'error' in first:
+            cells = [model, runtime, f"failed: {first['error']}".replace('|', '\\|')] + ['-'] * (len(head) - 3)
         else:
-            cells = [r['model'], r['runtime'], f"{r['size_mb']:.2f}"]
+            cells = [model, runtime, f"{first['size_mb']:.2f}"]
             for t in threads:
-                cells += [_fmt(r.get(f'ms_{t}t'), '.2f'), _fmt(r.get(f'speedup_{t}t'), '.2f') + 'x' * bool(
-                    r.get(f'speedup_{t}t'))]
-            cells += [f"{100 * r['accuracy']:.1f} +- {100 * r['accuracy_ci']:.1f}", f"{100 * r['agreement']:.1f}",
-                      f"{r['cosine']:.4f}"]
+                r = mine.get(t, {})
+                gain = r.get('speedup_vs_fp32') if runtime in INT8_RUNTIMES else None
+                cells += [_fmt(r.get('ms'), '.2f'), _fmt(gain, '.2f') + 'x' * bool(gain)]
+            cells += [_fmt(first.get('segments'), 'd'),
+                      f"{100 * first['accuracy']:.1f} +- {100 * first['accuracy_ci']:.1f}",
+                      f"{100 * first['agreement']:.1f}", f"{first['cosine']:.4f}"]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -379,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--runtimes', default=','.join(RUNTIMES),
                         help='comma-separated, of ' + ', '.join(RUNTIMES) + ' (torch is always measured: the '
                         'reference of agreement); ExecuTorch is skipped with a note when its extra is absent')
-    parser.add_argument('--size', type=int, default=224, help='input height and width (px)')
+    parser.add_argument('--size', default='224', help='comma-separated input heights and widths (px), e.g. 96,224')
     parser.add_argument('--threads', default='1,2', help='comma-separated thread counts')
     parser.add_argument('--runs', type=int, default=100, help='timed batch-1 runs per runtime and thread count')
     parser.add_argument('--warmup', type=int, default=10, help='untimed runs first (in each process)')
@@ -389,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data', choices=('auto', 'omniglot', 'lookalike'), default='auto',
                         help='held-out images; auto: Omniglot when ../shared has it')
     parser.add_argument('--classes', type=int, default=40, help='held-out classes the episodes draw from')
+    parser.add_argument('--depthwise', choices=('recorded', 'int8', 'fp32', 'auto'), default='recorded',
+                        help="onnx-int8's depthwise convs: the plan fewshot_lkca.export.int8 records per model, or "
+                        'one for every model')
     parser.add_argument('--weights', default='auto', help="source ImageNet weights file, 'none' for random init, "
                         'auto: ../shared/weights when present')
     parser.add_argument('--out', type=Path, default=REPO / 'benchmarks' / 'results' / 'latency.json',
@@ -419,8 +487,9 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser, log=print
     models = _parse_list(parser, '--models', args.models)
     runtimes = _parse_list(parser, '--runtimes', args.runtimes, RUNTIMES)
     threads = _parse_list(parser, '--threads', args.threads, cast=int)
+    sizes = _parse_list(parser, '--size', args.size, cast=int)
     for option, value, low in (('--runs', args.runs, 1), ('--warmup', args.warmup, 0), ('--rounds', args.rounds, 1),
-                               ('--size', args.size, 32), ('--episodes', args.episodes, 1),
+                               ('--size', min(sizes), 32), ('--episodes', args.episodes, 1),
                                ('--classes', args.classes, 5), ('--threads', min(threads), 1)):
         if value < low:
             parser.error(f'{option} must be at least {low}, got {value}')
@@ -438,36 +507,51 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser, log=print
 
     started = time.perf_counter()
     try:
-        rows, info = benchmark(models, runtimes, args.size, threads, args.runs, args.warmup, args.rounds,
-                               args.episodes, args.data, args.classes, weights, log=log)
+        records, info = benchmark(models, runtimes, sizes, threads, args.runs, args.warmup, args.rounds,
+                                  args.episodes, args.data, args.classes, weights, args.depthwise, log=log)
     except BackboneError as e:
         parser.error(str(e))
 
     meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-                cpu=f'{cpu_name()}/{platform.machine()}', torch=torch.__version__, onnxruntime=onnxruntime.__version__,
-                size=args.size, batch=1, threads=threads, runs=args.runs, warmup=args.warmup, rounds=args.rounds,
-                episodes=args.episodes, weights=str(weights) if weights else 'random init', skipped=skipped,
+                cpu=f'{cpu_name()}/{platform.machine()}', cpu_flags=cpu_flags(), torch=torch.__version__,
+                onnxruntime=onnxruntime.__version__, executorch=_version('executorch'), sizes=sizes, batch=1,
+                threads=threads, runs=args.runs, warmup=args.warmup, rounds=args.rounds, episodes=args.episodes,
+                depthwise=args.depthwise, weights=str(weights) if weights else 'random init', skipped=skipped,
                 seconds=round(time.perf_counter() - started, 1), **info)
-    table = format_table(rows, threads)
-    notes = (f"Batch 1, {args.size} px, pre-logits features; median of >= {args.runs} runs after {args.warmup} "
+    tables = '\n\n'.join(f'{size} px:\n\n{format_table(records, size, threads)}' for size in sizes)
+    goals = targets(records)
+    notes = (f"Batch 1, pre-logits features; median of >= {args.runs} runs after {args.warmup} "
              f"warm-up runs. 1 thread: PyTorch and onnxruntime interleaved in one process ({args.rounds} rounds, "
              f"random order), ExecuTorch in processes of its own; more threads: each runtime in its own process, "
-             f"the processes taking turns. Speed-ups "
-             f"are to the same network's ONNX fp32 time. Accuracy: nearest prototype, {args.episodes} episodes of "
-             f"5-way 5-shot with 15 queries per class, mean +- 95% CI; agreement: share of the same query predictions "
-             f"as PyTorch fp32. Data: {info['data']}. Weights: {meta['weights']}."
+             f"the processes taking turns. int8 speed-ups are to the same runtime's fp32 time. Accuracy: nearest "
+             f"prototype, {args.episodes} episodes of 5-way 5-shot with 15 queries per class, mean +- 95% CI; "
+             f"agreement: share of the same query predictions as PyTorch fp32. Data: "
+             f"{'; '.join(f'{k} px: {v}' for k, v in info['data'].items())}. Weights: {meta['weights']}. "
+             f"onnx-int8 depthwise: {args.depthwise}."
              + (f" Skipped (extra not installed): {', '.join(skipped)}." if skipped else ''))
-    log(f"\nRuntimes, {meta['date']}, {meta['cpu']}, torch {meta['torch']}, onnxruntime {meta['onnxruntime']}\n")
-    log(table)
+    log(f"\nRuntimes, {meta['date']}, {meta['cpu']} ({meta['cpu_flags']}), torch {meta['torch']}, "
+        f"onnxruntime {meta['onnxruntime']}, executorch {meta['executorch']}\n")
+    log(tables)
     log('\n' + notes)
+    for line in goals:
+        log('Targets: ' + line)
     log(f"Total time: {meta['seconds']:.0f} s.")
     if str(args.out) != 'none':
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps(dict(meta=meta, rows=rows), indent=2, default=str) + '\n'
+        payload = json.dumps(dict(meta=meta, records=records, targets=goals), indent=2, default=str) + '\n'
         atomic_write(args.out, lambda t: Path(t).write_text(payload))
-        markdown = f"{table}\n\n{notes}\n"
+        markdown = f"{tables}\n\n{notes}\n\n" + ''.join(f'- {line}\n' for line in goals)
         atomic_write(args.out.with_suffix('.md'), lambda t: Path(t).write_text(markdown))
     return 0
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -366,7 +366,7 @@ def evaluate_model(bench: BenchConfig, model: str, pre: dict, data: EvalData, wo
     engines = {'torch_fp32': TorchEngine(backbone)}
     export = {}
     if bench.int8:
-        from fewshot_lkca.export.int8 import quantize_onnx
+        from fewshot_lkca.export.int8 import depthwise_plan, quantize_onnx
 
         work.mkdir(parents=True, exist_ok=True)
         fp32_path, int8_path = work / f'{model}.onnx', work / f'{model}.int8.onnx'
@@ -376,7 +376,7 @@ def evaluate_model(bench: BenchConfig, model: str, pre: dict, data: EvalData, wo
         calibration = np.stack([transform(data.calibration[i]).numpy() for i in range(len(data.calibration))])
         tick = time.perf_counter()
         with _quiet_quantizer():
-            report = quantize_onnx(fp32_path, int8_path, calibration)
+            report = quantize_onnx(fp32_path, int8_path, calibration, depthwise=depthwise_plan(model))
         export = dict(onnx_fp32=str(fp32_path), onnx_int8=str(int8_path), export_seconds=round(export_seconds, 1),
                       quantize_seconds=round(time.perf_counter() - tick, 1), fp32_bytes=report['fp32_bytes'],
                       int8_bytes=report['int8_bytes'], calibration_images=len(calibration),

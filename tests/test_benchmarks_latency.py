@@ -67,14 +67,37 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys):
     table = [line for line in printed.splitlines() if line.startswith('| lkca_mobilenet_050')]
     assert [line.split(' | ')[1] for line in table] == ['torch', 'onnx', 'onnx-int8']
     saved = json.loads(out.read_text())
-    rows = {r['runtime']: r for r in saved['rows']}
-    assert saved['meta']['threads'] == [1, 2] and saved['meta']['weights'] == 'random init'
-    for row in rows.values():
-        assert row['ms_1t'] > 0 and row['ms_2t'] > 0 and row['runs_1t'] == 4 and row['runs_2t'] == 4
-        assert 0 <= row['accuracy'] <= 1 and 0 <= row['agreement'] <= 1
-    assert rows['onnx']['agreement'] == 1.0 and rows['onnx']['cosine'] > 0.9999  # fp32 ONNX is the same model
-    assert rows['onnx']['speedup_1t'] == 1.0
-    assert rows['onnx-int8']['speedup_2t'] == pytest.approx(rows['onnx']['ms_2t'] / rows['onnx-int8']['ms_2t'])
-    assert rows['onnx-int8']['size_mb'] < rows['onnx']['size_mb']
-    assert rows['onnx-int8']['quantization']['settings']['format'] == 'QDQ'
-    assert out.with_suffix('.md').read_text().startswith('| model | runtime | size (MB) |')
+    assert saved['meta']['threads'] == [1, 2] and saved['meta']['sizes'] == [64]
+    assert saved['meta']['weights'] == 'random init' and saved['meta']['cpu_flags']
+    records = {(r['runtime'], r['threads']): r for r in saved['records']}
+    assert sorted(records) == [(rt, t) for rt in ('onnx', 'onnx-int8', 'torch') for t in (1, 2)]
+    for r in records.values():  # one record per (model, runtime, size, threads)
+        assert r['model'] == 'lkca_mobilenet_050' and r['size'] == 64
+        assert r['ms'] > 0 and r['runs'] == 4 and 0 <= r['accuracy'] <= 1 and 0 <= r['agreement'] <= 1
+    onnx, int8 = records['onnx', 2], records['onnx-int8', 2]
+    assert onnx['agreement'] == 1.0 and onnx['cosine'] > 0.9999  # fp32 ONNX is the same model
+    assert onnx['speedup_vs_fp32'] == 1.0 and records['torch', 1]['speedup_vs_fp32'] is None
+    assert int8['speedup_vs_fp32'] == pytest.approx(onnx['ms'] / int8['ms']) and int8['size_mb'] < onnx['size_mb']
+    quantization = saved['meta']['quantization']['lkca_mobilenet_050@64']
+    assert quantization['settings']['format'] == 'QDQ' and quantization['settings']['depthwise'] == 'int8'
+    assert out.with_suffix('.md').read_text().startswith('64 px:\n\n| model | runtime | size (MB) |')
+
+
+def _record(model, runtime, ms, threads=1, size=224):
+    return dict(model=model, runtime=runtime, size=size, threads=threads, ms=ms)
+
+
+def test_targets_compare_int8_with_its_fp32_and_the_reference():
+    records = [_record('lkca_mobilenet', 'onnx', 3.0), _record('lkca_mobilenet', 'onnx-int8', 2.0),
+               _record('lkca_mobilenet', 'executorch', 2.0), _record('lkca_mobilenet', 'executorch-int8', 1.0),
+               _record('tf_mobilenetv3_small_100', 'onnx', 1.5), _record('tf_mobilenetv3_small_100', 'executorch', 1.2),
+               _record('tf_mobilenetv3_small_100', 'onnx-int8', 0.1)]  # int8 of the reference does not count
+    for r in records:
+        r['speedup_vs_fp32'] = latency._ratio(records, r, latency.FP32_OF.get(r['runtime']))
+    line, = latency.targets(records)
+    assert 'onnx-int8 1.50x, executorch-int8 2.00x' in line
+    assert 'best int8 1.00 ms (executorch-int8)' in line and 'best fp32 1.20 ms (executorch): 1.20x (met)' in line
+    records[3]['ms'] = 1.3
+    records[3]['speedup_vs_fp32'] = latency._ratio(records, records[3], 'executorch')
+    assert 'best int8 1.30 ms (executorch-int8)' in latency.targets(records)[0]
+    assert latency.targets(records)[0].endswith('(missed)')

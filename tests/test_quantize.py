@@ -6,7 +6,13 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from fewshot_lkca.export.int8 import QuantizationError, plan_quantization, quantize_onnx  # noqa: E402
+from fewshot_lkca.export.int8 import (  # noqa: E402
+    DEPTHWISE_PLANS,
+    QuantizationError,
+    depthwise_plan,
+    plan_quantization,
+    quantize_onnx,
+)
 
 SIZE = 24
 
@@ -108,9 +114,17 @@ def test_plan_marks_stem_and_optionally_depthwise():
                                                          'dw_conv': {'op_type': 'Conv', 'reason': 'depthwise'}}
 
 
+def test_depthwise_plan_is_recorded_per_architecture(tiny, tmp_path):
+    assert depthwise_plan('lkca_mobilenet') == 'int8' and depthwise_plan('tf_mobilenetv3_small_100') == 'fp32'
+    assert depthwise_plan('some_new_net') == 'int8' and depthwise_plan(None) == 'int8'
+    assert set(DEPTHWISE_PLANS.values()) <= {'int8', 'fp32'}
+    report = quantize_onnx(tiny[0], tmp_path / 'default.onnx', tiny[1][:8])  # the default times nothing
+    assert report['settings']['depthwise'] == 'int8' and 'depthwise_timing_ms' not in report
+
+
 def test_depthwise_choice_follows_the_timings(tiny, tmp_path):
     fp32, calibration = tiny[0], tiny[1]
-    report = quantize_onnx(fp32, tmp_path / 'auto.onnx', calibration[:8])
+    report = quantize_onnx(fp32, tmp_path / 'auto.onnx', calibration[:8], depthwise='auto')
     timing = report['depthwise_timing_ms']
     assert timing['int8'] > 0 and timing['fp32'] > 0
     expected = 'int8' if timing['ratio'] < 0.95 else 'fp32'

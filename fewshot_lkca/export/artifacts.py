@@ -85,11 +85,11 @@ def write_onnx_int8(inputs: Inputs, path: Path, fp32_path: Path, staging: Path) 
     """int8 ONNX from the fp32 one, calibrated on the support set, checked against fp32 on the held-out images."""
     import onnx
 
-    from .int8 import quantize_onnx
+    from .int8 import depthwise_plan, quantize_onnx
 
     start = time.perf_counter()
     quantized = staging / f'quantized.{path.name}'
-    report = quantize_onnx(fp32_path, quantized, inputs.calibration)
+    report = quantize_onnx(fp32_path, quantized, inputs.calibration, depthwise=depthwise_plan(inputs.meta['model']))
     proto = onnx.load(str(quantized))
     _classes_dynamic(proto)  # the quantizer's shape inference fixed it again
     set_metadata(proto, _onnx_metadata(inputs, 'int8'))  # whatever the quantizer kept, ours is complete

@@ -10,10 +10,8 @@ on the task's 275 held-out images.
 What is quantized and what stays fp32:
 
 * int8: every Conv except the stem (1x1 expand / project convs, the coordinate-attention and SE convs, the
-  ``conv_head``), with ``Relu`` / ``Clip`` folded into their output quantization; the depthwise convs too where that
-  is faster on this machine (``depthwise='auto'`` times both plans: int8 depthwise made the base-pretrained
-  `lkca_mobilenet` at 96 px 1.9x faster than fp32 against 1.0x without, but `tf_mobilenetv3_small_100` 0.9x
-  against 1.2x).
+  ``conv_head``), with ``Relu`` / ``Clip`` folded into their output quantization; the depthwise convs too unless
+  `DEPTHWISE_PLANS` records fp32 depthwise as faster for the architecture (see there: measured on two CPUs).
 * fp32: the stem conv (the one reading the image) and Gemm/MatMul (the classifier). Everything else (hard-swish,
   pools, GroupNorm, sigmoid gates, concat/split, residual adds) runs in fp32 between dequantize / quantize pairs, or
   fused by onnxruntime (``QLinearAdd``).
@@ -39,7 +37,8 @@ import numpy as np
 from ..files import atomic_write
 from .session import onnx_session
 
-__all__ = ['QuantizationError', 'QUANTIZED_OP_TYPES', 'DEPTHWISE_CHOICES', 'quantize_onnx', 'plan_quantization']
+__all__ = ['QuantizationError', 'QUANTIZED_OP_TYPES', 'DEPTHWISE_CHOICES', 'DEPTHWISE_PLANS', 'depthwise_plan',
+           'quantize_onnx', 'plan_quantization']
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +48,23 @@ log = logging.getLogger(__name__)
 # lkca_mobilenet 13.3 ms against 8.6 ms profiled) and no more faithful. Gemm/MatMul are left out: here they are the
 # classifier, a few thousand MACs, and the cosine head's MatMul alone in int8 cost 3 points of 5-way agreement.
 QUANTIZED_OP_TYPES = ('Conv', 'Relu', 'Clip')
-# Depthwise convs in int8 are fast or slow depending on the network around them (see the module docstring), so
-# 'auto' quantizes both ways and keeps int8 depthwise only when it is clearly (5%) faster, timed here at batch 1.
-DEPTHWISE_CHOICES = ('auto', 'int8', 'fp32')
+# Depthwise convs in int8 are faster or slower depending on the network around them, the same way on both CPUs
+# measured, so the plan is recorded per architecture rather than timed on whatever machine exports (the former
+# 'auto'). ONNX int8 speed-up over fp32 at batch 1, 1 thread, ImageNet weights, int8 / fp32 depthwise:
+#
+#   architecture              CPU                          96 px          224 px
+#   lkca_mobilenet            AMD EPYC (Zen4, AVX-512 VNNI) 1.17x / 0.99x  1.11x / 1.07x   (2026-12-04, export form)
+#   lkca_mobilenet            Intel Xeon (AVX-512 VNNI, AMX) 1.9x / 1.0x   'auto' chose int8 (2026-11, training form)
+#   lkca_mobilenet_dw3        AMD EPYC                     0.93x / 1.01x  1.04x / 1.18x
+#   tf_mobilenetv3_small_100  AMD EPYC                     0.97x / 1.07x  0.92x / 1.20x
+#   tf_mobilenetv3_small_100  Intel Xeon                   0.9x / 1.2x    'auto' chose fp32
+#
+# (Both plans timed interleaved, 15 rounds; `python -m benchmarks.latency --runtimes onnx,onnx-int8 --depthwise
+# int8`, then `--depthwise fp32`, repeats it.) int8 depthwise pays where the coordinate attention reads the depthwise
+# output; without the attention, fp32 depthwise is as fast or faster.
+# Architectures not listed get int8 depthwise; 'auto' (time both here, keep int8 when >= 5% faster) stays available.
+DEPTHWISE_PLANS = {'lkca_mobilenet': 'int8', 'lkca_mobilenet_dw3': 'fp32', 'tf_mobilenetv3_small_100': 'fp32'}
+DEPTHWISE_CHOICES = ('int8', 'fp32', 'auto')
 _CLEARLY_FASTER = 0.95
 # Values below -3 all map to 0 through hard-swish, so a conv output read only by hard-swish is quantized over
 # [max(min, -3), max]: lossless, and it gives the useful range twice the resolution or more (pre-activation minima
@@ -62,6 +75,11 @@ _HARDSWISH_FLOOR = -3.0
 # at 224 px 77% -> 85%, feature cosine 0.979 -> 0.988. onnxruntime's percentile default is symmetric, which wastes
 # half the uint8 codes on a hard-swish output.
 _PERCENTILE = 99.99
+
+
+def depthwise_plan(architecture: str | None) -> str:
+    """The recorded depthwise plan ('int8' or 'fp32') for a timm architecture name; 'int8' when not recorded."""
+    return DEPTHWISE_PLANS.get(architecture or '', 'int8')
 
 
 class QuantizationError(ValueError):
@@ -282,7 +300,7 @@ def _quiet_quantizer():
         root.removeFilter(advice)
 
 
-def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, depthwise: str = 'auto') -> dict:
+def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, depthwise: str = 'int8') -> dict:
     """Quantize ``fp32_path`` to int8 (QDQ, onnxruntime CPU) and write it to ``out_path`` atomically.
 
     Args:
@@ -290,8 +308,9 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
         out_path: Where the int8 model goes; must differ from ``fp32_path``.
         calibration: float32 N x 3 x H x W images, preprocessed exactly as at inference (e.g. the run's support
             images, augmented to about 64).
-        depthwise: 'int8' or 'fp32' for the depthwise convs, or 'auto': build both and keep int8 depthwise only
-            when it runs at least 5% faster on this machine (batch 1, 1 thread; a second or two).
+        depthwise: 'int8' or 'fp32' for the depthwise convs (`depthwise_plan` gives the recorded one of an
+            architecture), or 'auto': build both and keep int8 depthwise only when it runs at least 5% faster on
+            this machine (batch 1, 1 thread; a second or two).
 
     Returns:
         A JSON-able report: the settings, the nodes quantized and kept fp32 by op type, the op types onnxruntime
@@ -320,10 +339,13 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
         _optimize_basic(model, fused)
         prepared = onnx.load(str(fused))
         plans = {'int8': plan_quantization(prepared, depthwise=True), 'fp32': plan_quantization(prepared, False)}
-        wanted = ['int8', 'fp32'] if depthwise == 'auto' or plans['int8'] == plans['fp32'] else [depthwise]
+        if plans['int8'] == plans['fp32']:  # no depthwise conv: one plan
+            wanted = ['int8']
+        else:
+            wanted = ['int8', 'fp32'] if depthwise == 'auto' else [depthwise]
         built, moved = _build_plans(fused, prepared, plans, dict.fromkeys(wanted), input_name, calibration, tmp)
         timings = None
-        if len(built) == 2 and plans['int8'] != plans['fp32']:
+        if len(built) == 2:
             timings = _timings(built, calibration[:1])  # ratio: int8-depthwise time / fp32-depthwise time
             choice = 'int8' if timings['ratio'] < _CLEARLY_FASTER else 'fp32'
         else:
