@@ -118,6 +118,7 @@ def run_tasks(dataset, host: tuple, device: dict[str, np.ndarray], scale: float,
     acc = {k: [] for k in ['protonet', 'linear_probe'] + (['default'] if mirror else []) + [
         f'adapt {name}' for name in device]}
     unknown = dict(auroc=[], rejected_unknown=[], rejected_known=[], accuracy_with_reject=[], thresholds=0)
+    agreement = []  # per task: share of queries the int8 model's head predicts as the fp32 model's head does
     probe = dict(lr=HEAD_LR, scale=scale, label_smoothing=LABEL_SMOOTHING, anchor=HEAD_ANCHOR)
     views = unit(plain, dim=1) + unit(mirrored, dim=1) if mirror else None  # the default's two-view features
     for t in range(tasks):
@@ -136,10 +137,12 @@ def run_tasks(dataset, host: tuple, device: dict[str, np.ndarray], scale: float,
         other = sampler.plan(t + UNKNOWN_OFFSET)
         strangers = [i for i, y in zip(other.query_idx, other.query_y, strict=True)
                      if other.class_names[y] not in plan.class_names]
+        predicted = {}
         for name, feats in device.items():
             fitted = fit_head(feats[plan.support_idx], np.array(plan.support_y), n_way, scale)
             cos = _unit(feats[plan.query_idx]) @ fitted.directions.T
-            right = cos.argmax(1) == np.array(plan.query_y)
+            predicted[name] = cos.argmax(1)
+            right = predicted[name] == np.array(plan.query_y)
             acc[f'adapt {name}'].append(float(right.mean()))
             if name != 'int8' or not strangers:
                 continue
@@ -152,7 +155,9 @@ def run_tasks(dataset, host: tuple, device: dict[str, np.ndarray], scale: float,
             unknown['rejected_unknown'].append(float((unknown_best < limit).mean()))
             unknown['rejected_known'].append(float((known_best < limit).mean()))
             unknown['accuracy_with_reject'].append(float((right & (known_best >= limit)).mean()))
-    return dict(accuracy=acc, unknown=unknown)
+        if {'fp32', 'int8'} <= set(predicted):
+            agreement.append(float((predicted['int8'] == predicted['fp32']).mean()))
+    return dict(accuracy=acc, unknown=unknown, agreement=agreement)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -227,6 +232,9 @@ def format_tables(out: dict) -> list[str]:
                 cells.append(f"{100 * d['mean']:+.2f} +- {100 * d['ci95']:.2f}" if d else '-')
             lines.append(f"| {r['head']} | {k} | {r['tasks']} | {100 * r['accuracy']['mean']:.1f} +- "
                          f"{100 * r['accuracy']['ci95']:.1f} % | {cells[0]} | {cells[1]} |")
+    lines += [''] + [f"int8 vs fp32 device model, {k}-shot: the fitted heads agree on "
+                     f"{100 * res['int8_agreement']['mean']:.1f} +- {100 * res['int8_agreement']['ci95']:.1f} % of the "
+                     f"queries (mean over tasks)" for k, res in out['results'].items() if 'int8_agreement' in res]
     lines += ['', '| shots | unknown AUROC | unknown rejected | enrolled rejected | enrolled accuracy: no reject -> '
                   'reject | tasks with a threshold |', '|---:|---|---|---|---|---:|']
     for k, res in out['results'].items():
@@ -280,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
             for k in shots:
                 results = run_tasks(dataset, host, device, scale, args.mirror, args.ways, k, args.queries, args.tasks)
                 out['results'][k] = dict(rows=summarise(results), per_task=results['accuracy'],
-                                         unknown=results['unknown'])
+                                         unknown=results['unknown'],
+                                         int8_agreement=mean_ci(results['agreement']).as_dict())
             out['timing'] = time_command(paths['int8'], dataset, (args.ways, 5, args.queries), args.timing_tasks,
                                          work)
     except (CheckpointError, DataError, ValueError) as e:

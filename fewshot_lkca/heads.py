@@ -5,7 +5,8 @@ from torch import nn
 from .layers import CoordAttentionExport
 from .metadata import HEAD_INITIALIZER
 
-__all__ = ['CosineHead', 'CosineHeadExport', 'FewShotClassifier', 'ExportForm', 'export_form', 'class_prototypes']
+__all__ = ['CosineHead', 'CosineHeadExport', 'FewShotClassifier', 'MirrorViewsExport', 'ExportForm', 'export_form',
+           'class_prototypes']
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -106,13 +107,43 @@ class CosineHeadExport(nn.Module):
         self.register_buffer('ones', torch.ones(matrix.shape[0], 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(torch.clamp((x * x) @ self.ones, min=1e-24)) @ self.matrix
+        return _unit_rows(x, self.ones) @ self.matrix
 
 
-def export_form(model: nn.Module) -> nn.Module:
+def _unit_rows(x: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """``normalize(x, dim=1)`` with the squared norm as a product with a column of ones (delegated by XNNPACK)."""
+    return x * torch.rsqrt(torch.clamp((x * x) @ ones, min=1e-24))
+
+
+class MirrorViewsExport(nn.Module):
+    """A mirror-views `FewShotClassifier` for a fixed input width, in ops XNNPACK delegates (one segment).
+
+    The same function: the flip as a product with the (width x width) anti-identity (exact: one 1 per column), each
+    view's unit feature as in `CosineHeadExport`, and the two views summed as two slices. ``aten.flip``,
+    ``normalize`` and a sum over the view axis are not delegated and split the program in four.
+    """
+
+    def __init__(self, model: FewShotClassifier, width: int):
+        super().__init__()
+        self.backbone, self.head = model.backbone, model.head
+        dim = model.head.weight.shape[1]
+        self.register_buffer('reverse', torch.eye(width).flip(0))
+        self.register_buffer('ones', torch.ones(dim, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        both = _unit_rows(self.backbone(torch.cat([x, x @ self.reverse])), self.ones)
+        n = x.shape[0]  # a symbolic size under torch.export (len() would fix the batch)
+        return both[:n] + both[n:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def export_form(model: nn.Module, width: int | None = None) -> nn.Module:
     """What the ONNX and ExecuTorch exports trace: a copy of ``model`` computing the same function in ops device
     runtimes run well (``model`` itself when nothing changes): every coordinate attention as `CoordAttentionExport`,
-    a cosine head as `CosineHeadExport`.
+    a cosine head as `CosineHeadExport`, and, given the input ``width``, a mirror-views classifier as
+    `MirrorViewsExport`.
 
     Measured on lkca_mobilenet (shipped checkpoint, batch 1, 1 thread, AMD EPYC, 2026-12-04): ExecuTorch 28 delegate
     segments -> 1, fp32 0.90 -> 0.60 ms and int8 0.85 -> 0.53 ms at 96 px; onnxruntime fp32 1.50 -> 1.18 ms at 96 px,
@@ -122,9 +153,18 @@ def export_form(model: nn.Module) -> nn.Module:
 
     from timm.layers.coord_attn import CoordAttn
 
-    if not any(isinstance(m, (CoordAttn, CosineHead)) for m in model.modules()):
+    def mirrored(m):
+        return isinstance(m, FewShotClassifier) and m.mirror_views and width is not None
+
+    if not any(isinstance(m, (CoordAttn, CosineHead)) or mirrored(m) for m in model.modules()):
         return model
     model = CoordAttentionExport.of(copy.deepcopy(model))
+    if mirrored(model):
+        model = MirrorViewsExport(model, width)
+    for module in model.modules():
+        for name, child in module.named_children():
+            if mirrored(child):
+                setattr(module, name, MirrorViewsExport(child, width))
     for module in model.modules():
         for name, child in module.named_children():
             if isinstance(child, CosineHead):

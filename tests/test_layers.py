@@ -1,4 +1,5 @@
 """The operators: LKCA, its 3x3 baseline, coordinate attention, SCConv."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -184,3 +185,51 @@ def test_export_form_swaps_every_coordinate_attention_and_leaves_the_model_alone
         torch.testing.assert_close(swapped(x), model(x), rtol=1e-4, atol=1e-5)
     plain = timm.create_model('lkca_mobilenet_dw3', num_classes=0)
     assert export_form(plain) is plain  # nothing to swap: no copy
+
+
+def test_mirror_views_export_form_computes_the_same_function():
+    import timm
+
+    from fewshot_lkca.heads import CosineHead, ExportForm, FewShotClassifier, MirrorViewsExport, export_form
+
+    torch.manual_seed(0)
+    backbone = timm.create_model('lkca_mobilenet_050', num_classes=0).eval()
+    model = FewShotClassifier(backbone, CosineHead(backbone.head_hidden_size, 4), mirror_views=True).eval()
+    x = torch.randn(3, 3, 40, 40)
+    assert (x.flip(-1) - x).abs().max() > 0.1
+    for wrapped in (model, ExportForm(model)):  # the ExecuTorch export traces the first, ONNX the second
+        swapped = export_form(wrapped, width=40)
+        assert any(isinstance(m, MirrorViewsExport) for m in swapped.modules())
+        assert not any(isinstance(m, FewShotClassifier) for m in swapped.modules())
+        with torch.no_grad():
+            reference, ours = wrapped(x), swapped(x)
+        for a, b in zip(ours if isinstance(ours, tuple) else (ours,),
+                        reference if isinstance(reference, tuple) else (reference,), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    without_width = export_form(model)  # the flip needs the width: the training form's flip stays
+    assert not any(isinstance(m, MirrorViewsExport) for m in without_width.modules())
+    with torch.no_grad():
+        one = export_form(model, width=40)(x[:1])  # batch 1, as a device runs it
+    torch.testing.assert_close(one, model(x[:1]), rtol=1e-4, atol=1e-5)
+
+
+def test_mirror_views_onnx_export_keeps_the_batch_dynamic():
+    pytest.importorskip('onnxruntime')
+    import timm
+
+    from fewshot_lkca.export.onnx import export_onnx
+    from fewshot_lkca.export.session import onnx_session
+    from fewshot_lkca.heads import CosineHead, ExportForm, FewShotClassifier
+
+    torch.manual_seed(0)
+    backbone = timm.create_model('lkca_mobilenet_050', num_classes=0).eval()
+    model = ExportForm(FewShotClassifier(backbone, CosineHead(backbone.head_hidden_size, 5), mirror_views=True))
+    session = onnx_session(export_onnx(model.eval(), torch.randn(2, 3, 40, 40),
+                                       output_name=('logits', 'features')).SerializeToString())
+    for batch in (1, 3):  # exported at 2: a batch fixed by the trace would refuse both
+        x = torch.randn(batch, 3, 40, 40)
+        logits, features = session.run(None, {'image': x.numpy()})
+        with torch.no_grad():
+            reference = model(x)
+        np.testing.assert_allclose(logits, reference[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(features, reference[1].numpy(), atol=1e-4)

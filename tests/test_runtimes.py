@@ -278,3 +278,23 @@ def test_lkca_mobilenet_exports_to_executorch(tmp_path):
     # the export form (fewshot_lkca.heads.export_form): one XNNPACK delegate, nothing left outside (the training
     # form split into 28 segments around 9 GroupNorms, 18 single-axis means and 9 splits)
     assert report['delegated_segments'] == 1 and report['ops_outside_delegate'] == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('precision', ['fp32', 'int8'])
+def test_mirror_views_classifier_is_one_executorch_segment(tmp_path, precision):
+    pytest.importorskip('executorch', reason="ExecuTorch not installed (pip install 'fewshot-lkca[device]')")
+    if precision == 'int8':
+        pytest.importorskip('torchao', reason="torchao not installed (pip install 'fewshot-lkca[device]')")
+    torch.manual_seed(0)
+    backbone = timm.create_model('lkca_mobilenet_050', num_classes=0).eval()
+    model = FewShotClassifier(backbone, CosineHead(backbone.head_hidden_size, 5), mirror_views=True).eval()
+    x = torch.randn(1, 3, 48, 48)
+    calibration = torch.randn(8, 3, 48, 48) if precision == 'int8' else None
+    report = export_executorch(model, tmp_path / 'model.pte', x, calibration, check=torch.randn(2, 3, 48, 48))
+    if precision == 'fp32':
+        for images in report['parity'].values():
+            assert images['max_abs_diff'] < 1e-4 and images['top1_agreement'] == 1.0
+    # the flip as a product with the anti-identity, the views' normalisation as a product with ones and their sum
+    # as two slices (fewshot_lkca.heads.MirrorViewsExport): the training form split into 4 segments around them
+    assert report['delegated_segments'] == 1 and report['ops_outside_delegate'] == {}

@@ -31,7 +31,7 @@ def export_onnx(model, example, output_name: str | tuple[str, ...] = 'logits'):
 
     from ..heads import export_form
 
-    model = export_form(model)  # coordinate attention in the ops runtimes run well (same function)
+    model = export_form(model, example.shape[-1])  # ops the runtimes run well (same function)
     output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     if example.shape[0] < 2:
         example = example.repeat(2, 1, 1, 1)
