@@ -3,8 +3,9 @@
 The model is exported by the package (`fewshot_lkca.export.onnx.export_onnx`, pre-logits features) and quantized by
 `fewshot_lkca.export.int8.quantize_onnx` with the architecture's recorded depthwise plan, calibrated on random
 images (the op mix and kernel times do not depend on the calibration). onnxruntime's own profiler times every node
-of ``--runs`` runs after a warm-up; the table gives milliseconds per run by op type (after onnxruntime's fusions),
-and the wall time per run without the profiler.
+of ``--runs`` runs after a warm-up; the table gives milliseconds per run by op type (after onnxruntime's fusions;
+the profiler's own cost inflates them), and the median wall time per run without the profiler, the two models
+taking turns.
 
     python -m benchmarks.ort_profile --model lkca_mobilenet --size 224
 """
@@ -20,26 +21,33 @@ import numpy as np
 
 from benchmarks.common import cpu_flags, cpu_name
 
-__all__ = ['profile_ops', 'main']
+__all__ = ['profile_ops', 'wall_ms', 'main']
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / 'shared' / 'weights' / 'tf_mobilenetv3_small_100.in1k.pth'
 
 
-def profile_ops(path: Path, x: np.ndarray, runs: int, warmup: int = 20) -> tuple[float, dict[str, float]]:
-    """(ms per run without the profiler, {op type: profiled ms per run}) of an ONNX model, 1 thread."""
-    import onnxruntime as ort
-
+def wall_ms(paths: dict[str, Path], x: np.ndarray, runs: int, rounds: int = 10) -> dict[str, float]:
+    """Median ms per run of each model without the profiler, 1 thread, the models taking turns every round (so
+    that load from elsewhere hits both alike)."""
     from fewshot_lkca.export.session import onnx_session
 
-    session = onnx_session(path, 1, spin=False)
-    feed = {session.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        session.run(None, feed)
-    start = time.perf_counter()
-    for _ in range(runs):
-        session.run(None, feed)
-    wall = (time.perf_counter() - start) * 1e3 / runs
+    sessions = {k: onnx_session(p, 1, spin=False) for k, p in paths.items()}
+    samples = {k: [] for k in paths}
+    for _ in range(rounds):
+        for key, session in sessions.items():
+            feed = {session.get_inputs()[0].name: x}
+            session.run(None, feed)
+            for _ in range(max(1, runs // rounds)):
+                start = time.perf_counter()
+                session.run(None, feed)
+                samples[key].append((time.perf_counter() - start) * 1e3)
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def profile_ops(path: Path, x: np.ndarray, runs: int, warmup: int = 20) -> dict[str, float]:
+    """{op type: ms per run under onnxruntime's profiler} of an ONNX model, 1 thread, warm-up runs left out."""
+    import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.enable_profiling = 1, True
@@ -47,14 +55,17 @@ def profile_ops(path: Path, x: np.ndarray, runs: int, warmup: int = 20) -> tuple
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / 'profile')
         profiled = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+        feed = {profiled.get_inputs()[0].name: x}
         for _ in range(warmup + runs):
             profiled.run(None, feed)
         events = json.loads(Path(profiled.end_profiling()).read_text())
+    model_runs = sorted((e for e in events if e.get('name') == 'model_run'), key=lambda e: e['ts'])
+    after_warmup = model_runs[warmup - 1]['ts'] + model_runs[warmup - 1]['dur'] if warmup else 0
     per_op = collections.defaultdict(float)
     for event in events:
-        if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time'):
+        if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time') and event['ts'] >= after_warmup:
             per_op[event['args']['op_name']] += event['dur'] / 1e3  # microseconds -> ms
-    return wall, {op: ms / (warmup + runs) for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])}
+    return {op: ms / runs for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,17 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         calibration = (rng.standard_normal((32, 3, args.size, args.size)) * 0.5).astype(np.float32)
         plan = depthwise_plan(args.model)
         quantize_onnx(fp32, int8, calibration, depthwise=plan)
-        results = {name: profile_ops(path, x, args.runs) for name, path in (('fp32', fp32), ('int8', int8))}
+        paths = dict(fp32=fp32, int8=int8)
+        wall = wall_ms(paths, x, args.runs)
+        results = {name: profile_ops(path, x, args.runs) for name, path in paths.items()}
     print(f'# {args.model}, {args.size} px, batch 1, 1 thread, {args.runs} runs; {cpu_name()} ({cpu_flags()}); '
           f'onnxruntime {onnxruntime.__version__}; int8 depthwise {plan}; weights {weights or "random init"}')
-    ops = list(dict.fromkeys(op for _, per_op in results.values() for op in per_op))
+    ops = list(dict.fromkeys(op for per_op in results.values() for op in per_op))
     print('| op type | fp32 ms | int8 ms |\n|:---|---:|---:|')
     for op in ops:
-        cells = [f"{results[k][1][op]:.3f}" if op in results[k][1] else '-' for k in ('fp32', 'int8')]
+        cells = [f"{results[k][op]:.3f}" if op in results[k] else '-' for k in ('fp32', 'int8')]
         print(f'| {op} | {cells[0]} | {cells[1]} |')
-    totals = [sum(results[k][1].values()) for k in ('fp32', 'int8')]
+    totals = [sum(results[k].values()) for k in ('fp32', 'int8')]
     print(f'| all nodes (profiled) | {totals[0]:.3f} | {totals[1]:.3f} |')
-    print(f"| wall per run, no profiler | {results['fp32'][0]:.3f} | {results['int8'][0]:.3f} |")
+    print(f"| wall per run, no profiler (interleaved, median) | {wall['fp32']:.3f} | {wall['int8']:.3f} |")
     return 0
 
 

@@ -143,7 +143,7 @@ def export_form(model: nn.Module, width: int | None = None) -> nn.Module:
     """What the ONNX and ExecuTorch exports trace: a copy of ``model`` computing the same function in ops device
     runtimes run well (``model`` itself when nothing changes): every coordinate attention as `CoordAttentionExport`,
     a cosine head as `CosineHeadExport`, and, given the input ``width``, a mirror-views classifier as
-    `MirrorViewsExport`.
+    `MirrorViewsExport` (ExecuTorch gives it: one XNNPACK segment instead of four).
 
     Measured on lkca_mobilenet (shipped checkpoint, batch 1, 1 thread, AMD EPYC, 2026-12-04): ExecuTorch 28 delegate
     segments -> 1, fp32 0.90 -> 0.60 ms and int8 0.85 -> 0.53 ms at 96 px; onnxruntime fp32 1.50 -> 1.18 ms at 96 px,

@@ -31,7 +31,9 @@ def export_onnx(model, example, output_name: str | tuple[str, ...] = 'logits'):
 
     from ..heads import export_form
 
-    model = export_form(model, example.shape[-1])  # ops the runtimes run well (same function)
+    # Ops onnxruntime runs well (same function). No width: onnxruntime's flip (a Slice) beat the mirror views'
+    # product with the anti-identity (1.73 vs 1.87 ms, lkca_mobilenet classifier, 96 px, 1 thread, AMD EPYC).
+    model = export_form(model)
     output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     if example.shape[0] < 2:
         example = example.repeat(2, 1, 1, 1)
