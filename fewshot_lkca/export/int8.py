@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
+from .onnx import file_bytes, strip_unused_domains
 from .session import onnx_session
 
 __all__ = ['QuantizationError', 'QUANTIZED_OP_TYPES', 'DEPTHWISE_CHOICES', 'DEPTHWISE_PLANS', 'depthwise_plan',
@@ -217,19 +218,6 @@ def _clip_ranges(cache: Path, floors: Iterable[str]) -> int:
     return moved
 
 
-def _size(path: Path) -> int:
-    """Bytes of an ONNX file plus its external-data files."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    total = path.stat().st_size
-    locations = set()
-    for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
-        if uses_external_data(tensor):
-            locations.add(ExternalDataInfo(tensor).location)
-    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
-
-
 def _runtime_ops(path: Path) -> dict[str, int]:
     """Op types of the graph onnxruntime actually runs (after its fusions) for ``path``."""
     import onnx
@@ -265,19 +253,6 @@ def _timings(paths: dict[str, Path], image: np.ndarray, rounds: int = 12, per_ro
     first, second = paths
     ratios = np.array(per_key[first]) / np.array(per_key[second])
     return {**{key: float(np.median(v)) for key, v in per_key.items()}, 'ratio': float(np.median(ratios))}
-
-
-def _strip_unused_domains(path: Path) -> None:
-    """Drop opset imports no node uses (onnxruntime's optimizer declares its internal domains): other tools
-    reject unknown domains."""
-    import onnx
-
-    model = onnx.load(str(path))
-    used = {n.domain for n in model.graph.node} | {''}
-    kept = [o for o in model.opset_import if o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(kept)
-    onnx.save(model, str(path))
 
 
 class _DropAdvice(logging.Filter):
@@ -393,7 +368,7 @@ def _build_plans(fused: Path, prepared, plans: dict, choices, input_name: str, c
             built[choice] = tmp / f'int8_dw_{choice}.onnx'
             quantize_static(str(fused), str(built[choice]), None, calibration_cache_path=str(cache),
                             nodes_to_exclude=sorted(plans[choice]), **options)
-            _strip_unused_domains(built[choice])
+            strip_unused_domains(built[choice])
     return built, moved
 
 
@@ -416,5 +391,5 @@ def _report(prepared, keep: dict, fp32_path: Path, out_path: Path, calibration: 
         kept_fp32_nodes=dict(sorted(kept.items())),
         fp32_op_types=dict(sorted(fp32_ops.items())),
         runtime_ops=_runtime_ops(out_path),
-        fp32_bytes=_size(fp32_path), int8_bytes=out_path.stat().st_size,
+        fp32_bytes=file_bytes(fp32_path), int8_bytes=out_path.stat().st_size,
     )

@@ -14,7 +14,8 @@ import numpy as np
 from ..files import atomic_write
 from .formats import ExportError
 
-__all__ = ['export_onnx', 'check_onnx', 'save_onnx', 'set_metadata', 'opset', 'parity']
+__all__ = ['export_onnx', 'check_onnx', 'save_onnx', 'set_metadata', 'opset', 'parity', 'file_bytes',
+           'strip_unused_domains']
 
 
 def export_onnx(model, example, output_name: str | tuple[str, ...] = 'logits'):
@@ -82,3 +83,29 @@ def parity(reference: np.ndarray, other: np.ndarray) -> dict:
     ref, out = reference.reshape(len(reference), -1), other.reshape(len(other), -1)
     return dict(images=len(ref), max_abs_diff=float(np.abs(ref - out).max()), max_abs_logit=float(np.abs(ref).max()),
                 top1_agreement=float((ref.argmax(1) == out.argmax(1)).mean()))
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes of an ONNX file plus its external-data files."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    total = path.stat().st_size
+    locations = set()
+    for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
+        if uses_external_data(tensor):
+            locations.add(ExternalDataInfo(tensor).location)
+    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
+def strip_unused_domains(path: Path) -> None:
+    """Drop opset imports no node uses (onnxruntime's optimizer declares its internal domains): other tools
+    reject unknown domains."""
+    import onnx
+
+    model = onnx.load(str(path))
+    used = {n.domain for n in model.graph.node} | {''}
+    kept = [o for o in model.opset_import if o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    onnx.save(model, str(path))
