@@ -61,8 +61,8 @@ QUANTIZED_OP_TYPES = ('Conv', 'Relu', 'Clip')
 #   tf_mobilenetv3_small_100  Intel Xeon                   0.9x / 1.2x    'auto' chose fp32
 #
 # (Both plans timed interleaved, 15 rounds; `python -m benchmarks.latency --runtimes onnx,onnx-int8 --depthwise
-# int8`, then `--depthwise fp32`, repeats it.) int8 depthwise pays where the coordinate attention reads the depthwise
-# output; without the attention, fp32 depthwise is as fast or faster.
+# int8`, then `--depthwise fp32`, repeats it.) int8 depthwise paid only in the network whose depthwise outputs feed a
+# coordinate attention; in the others, fp32 depthwise was as fast or faster.
 # Architectures not listed get int8 depthwise; 'auto' (time both here, keep int8 when >= 5% faster) stays available.
 DEPTHWISE_PLANS = {'lkca_mobilenet': 'int8', 'lkca_mobilenet_dw3': 'fp32', 'tf_mobilenetv3_small_100': 'fp32'}
 DEPTHWISE_CHOICES = ('int8', 'fp32', 'auto')
