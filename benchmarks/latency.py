@@ -357,18 +357,19 @@ def benchmark(models: Sequence[str], runtimes: Sequence[str], sizes: Sequence[in
                     a = artifacts.get(runtime, {})
                     if runtime == 'onnx-int8' and a.get('report'):
                         info['quantization'][f'{name}@{size}'] = a['report']
+                    if 'error' in a:
+                        records += [dict(model=name, runtime=runtime, size=size, threads=t, error=a['error'])
+                                    for t in threads]
+                        continue
+                    shared = dict(size_mb=a['bytes'] / 1e6,
+                                  **_quality(feats, runtime, labels, episodes, truth_pred, truth))
+                    if runtime.startswith('executorch'):
+                        shared.update(segments=a['report'].get('delegated_segments'),
+                                      ops_outside=a['report'].get('ops_outside_delegate'))
                     for t in threads:
-                        record = dict(model=name, runtime=runtime, size=size, threads=t)
-                        if 'error' in a:
-                            records.append({**record, 'error': a['error']})
-                            continue
                         ms = samples[runtime, t]
-                        record.update(ms=statistics.median(ms), runs=len(ms), size_mb=a['bytes'] / 1e6,
-                                      **_quality(feats, runtime, labels, episodes, truth_pred, truth))
-                        if runtime.startswith('executorch'):
-                            record.update(segments=a['report'].get('delegated_segments'),
-                                          ops_outside=a['report'].get('ops_outside_delegate'))
-                        records.append(record)
+                        records.append(dict(model=name, runtime=runtime, size=size, threads=t,
+                                            ms=statistics.median(ms), runs=len(ms), **shared))
     for record in records:
         record['speedup_vs_fp32'] = _ratio(records, record, FP32_OF.get(record['runtime']))
         record['vs_onnx_fp32'] = _ratio(records, record, BASELINE)
@@ -482,6 +483,7 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser, log=print
     import torch
 
     from fewshot_lkca.checkpoint import atomic_write
+    from fewshot_lkca.export.device import versions
     from fewshot_lkca.models.factory import BackboneError
 
     models = _parse_list(parser, '--models', args.models)
@@ -514,8 +516,9 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser, log=print
 
     meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
                 cpu=f'{cpu_name()}/{platform.machine()}', cpu_flags=cpu_flags(), torch=torch.__version__,
-                onnxruntime=onnxruntime.__version__, executorch=_version('executorch'), sizes=sizes, batch=1,
-                threads=threads, runs=args.runs, warmup=args.warmup, rounds=args.rounds, episodes=args.episodes,
+                onnxruntime=onnxruntime.__version__, executorch=versions('executorch').get('executorch'),
+                sizes=sizes, batch=1, threads=threads, runs=args.runs, warmup=args.warmup, rounds=args.rounds,
+                episodes=args.episodes,
                 depthwise=args.depthwise, weights=str(weights) if weights else 'random init', skipped=skipped,
                 seconds=round(time.perf_counter() - started, 1), **info)
     tables = '\n\n'.join(f'{size} px:\n\n{format_table(records, size, threads)}' for size in sizes)
@@ -543,15 +546,6 @@ def command(args: argparse.Namespace, parser: argparse.ArgumentParser, log=print
         markdown = f"{tables}\n\n{notes}\n\n" + ''.join(f'- {line}\n' for line in goals)
         atomic_write(args.out.with_suffix('.md'), lambda t: Path(t).write_text(markdown))
     return 0
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,10 +11,10 @@ taking turns.
 """
 import argparse
 import collections
+import functools
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +28,15 @@ WEIGHTS = REPO.parent / 'shared' / 'weights' / 'tf_mobilenetv3_small_100.in1k.pt
 
 
 def wall_ms(paths: dict[str, Path], x: np.ndarray, runs: int, rounds: int = 10) -> dict[str, float]:
-    """Median ms per run of each model without the profiler, 1 thread, the models taking turns every round (so
-    that load from elsewhere hits both alike)."""
+    """Median ms per run of each model without the profiler, 1 thread, interleaved (`time_round_robin`)."""
+    from benchmarks.backbones import time_round_robin
     from fewshot_lkca.export.session import onnx_session
 
-    sessions = {k: onnx_session(p, 1, spin=False) for k, p in paths.items()}
-    samples = {k: [] for k in paths}
-    for _ in range(rounds):
-        for key, session in sessions.items():
-            feed = {session.get_inputs()[0].name: x}
-            session.run(None, feed)
-            for _ in range(max(1, runs // rounds)):
-                start = time.perf_counter()
-                session.run(None, feed)
-                samples[key].append((time.perf_counter() - start) * 1e3)
-    return {k: float(np.median(v)) for k, v in samples.items()}
+    calls = {}
+    for key, path in paths.items():
+        session = onnx_session(path, 1, spin=False)
+        calls[key] = functools.partial(session.run, None, {session.get_inputs()[0].name: x})
+    return {k: float(np.median(v)) for k, v in time_round_robin(calls, runs, 3, rounds).items()}
 
 
 def profile_ops(path: Path, x: np.ndarray, runs: int, warmup: int = 20) -> dict[str, float]:
