@@ -10,7 +10,8 @@ from torch import nn
 from .adapters import restore_adapters
 from .files import atomic_write
 
-__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'checkpoint_meta', 'atomic_write', 'load_backbone']
+__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'checkpoint_meta', 'atomic_write', 'load_backbone',
+           'model_args']
 
 DEFAULT_MODEL = 'lkca_mobilenet'
 
@@ -57,7 +58,14 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
         return {}
 
 
-def load_backbone(model: str, weights: str) -> tuple[nn.Module, dict, str]:
+def model_args(backbone: nn.Module) -> dict[str, Any]:
+    """The constructor arguments a checkpoint must record to rebuild ``backbone`` beyond its name: the padding of an
+    LKCA model built with TensorFlow's 'same' padding (the distilled photo checkpoint). {} for everything else."""
+    pad_type = getattr(backbone, 'pad_type', '')
+    return dict(pad_type=pad_type) if pad_type else {}
+
+
+def load_backbone(model: str, weights: str, **kwargs) -> tuple[nn.Module, dict, str]:
     """The frozen backbone (pre-logits output, eval mode), its checkpoint metadata ({} if none), and its origin.
 
     Args:
@@ -66,6 +74,8 @@ def load_backbone(model: str, weights: str) -> tuple[nn.Module, dict, str]:
             ``.safetensors`` without our metadata) that `create_backbone` loads or transplants, or a ``.safetensors``
             checkpoint of this package: fine-tuned (``backbone.*`` + ``head.*``; the head is dropped) or
             base-pretrained (backbone tensors only).
+        **kwargs: Model arguments for ``'random'``, ``'imagenet'`` and source files (e.g. ``pad_type='same'``); a
+            checkpoint of this package brings its own (``meta['model_args']``).
 
     Raises:
         CheckpointError: Missing or unreadable file, or a checkpoint of another model.
@@ -80,7 +90,7 @@ def load_backbone(model: str, weights: str) -> tuple[nn.Module, dict, str]:
         name = model or DEFAULT_MODEL
         from .models import create_backbone
 
-        backbone = create_backbone(name, pretrained=weights == 'imagenet', num_classes=0)
+        backbone = create_backbone(name, pretrained=weights == 'imagenet', num_classes=0, **kwargs)
         origin = f'{name}, random initialisation' if weights == 'random' else f'{name}, ImageNet (timm hub)'
         return backbone.eval(), {}, origin
     path = Path(weights)
@@ -93,12 +103,12 @@ def load_backbone(model: str, weights: str) -> tuple[nn.Module, dict, str]:
         tensors, meta = load_checkpoint(path)
     if not meta.get('model'):  # a plain state_dict of the source model: load it, or transplant it into ours
         name = model or DEFAULT_MODEL
-        backbone = create_backbone(name, weights=path, num_classes=0)
+        backbone = create_backbone(name, weights=path, num_classes=0, **kwargs)
         return backbone.eval(), {}, f'{name}, source weights {path} (loaded or transplanted by timm)'
     name = model or meta['model']
     if meta['model'] != name:
         raise CheckpointError(f'{path} holds a {meta["model"]} backbone, but --model is {name}')
-    backbone = create_backbone(name, num_classes=0)
+    backbone = create_backbone(name, num_classes=0, **meta.get('model_args', {}))
     # A fine-tuned FewShotClassifier saves backbone.* and head.*; base pretraining saves the bare backbone.
     kind = 'fine-tuned; its head is not used' if any(k.startswith('head.') for k in tensors) else \
         meta.get('kind', 'backbone checkpoint')

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_blocks, add_adapters
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, model_args, save_checkpoint
 from .config import ConfigError, FinetuneConfig, config_for_command, parse_cli
 from .errors import DataError, os_error
 from .estimate import cross_validate, estimate_metrics, plan_estimate
@@ -309,7 +309,8 @@ def _run(cfg: FinetuneConfig, run: RunDir, resume: Path | None, progress: bool, 
     if resume is None:
         run.start(cfg)
     eval_tf = eval_transform(backbone, size=task.image_size)
-    meta = dict(model=cfg.model, classes=task.class_names, **preprocessing(backbone.pretrained_cfg, task.image_size),
+    meta = dict(model=cfg.model, model_args=model_args(backbone), classes=task.class_names,
+                **preprocessing(backbone.pretrained_cfg, task.image_size),
                 weights=origin, data=cfg.data, mirror_views=cfg.mirror_views)
     plan = plan_estimate(task, cfg.seed) if task.protocol == 'all' else None
     scored = None

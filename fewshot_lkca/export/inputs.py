@@ -60,7 +60,7 @@ def load_classifier(path: Path):
         check_classifier_meta(meta, weight.shape[0], str(path))
     except MetadataError as e:
         raise CheckpointError(str(e)) from None
-    model = FewShotClassifier(create_backbone(meta['model'], num_classes=0),
+    model = FewShotClassifier(create_backbone(meta['model'], num_classes=0, **meta.get('model_args', {})),
                               CosineHead(weight.shape[1], weight.shape[0]), bool(meta.get('mirror_views')))
     restore_adapters(model, tensors)  # a recipe with residual adapters saved them beside the blocks
     try:

