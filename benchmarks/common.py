@@ -3,7 +3,7 @@ from pathlib import Path
 
 from fewshot_lkca.threads import cpu_name  # noqa: F401  (re-exported: the benchmarks record the CPU with every timing)
 
-__all__ = ['cpu_name', 'cpu_flags', 'SPEED_FLAGS']
+__all__ = ['cpu_name', 'cpu_flags', 'SPEED_FLAGS', 'machine']
 
 # The instruction sets int8 and fp32 kernels pick from (x86: AVX2 / AVX-512 / VNNI / AMX; Arm: dot product, i8mm).
 SPEED_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx_vnni', 'avx512_bf16', 'amx_tile', 'amx_int8',
@@ -22,3 +22,14 @@ def cpu_flags(cpuinfo: str | None = None) -> str:
             have = set(line.split(':', 1)[1].split())
             return ' '.join(f for f in SPEED_FLAGS if f in have) or 'none of ' + ' '.join(SPEED_FLAGS)
     return 'unknown'
+
+
+def machine() -> dict:
+    """Date, CPU, threads and versions: what every benchmark record carries."""
+    import datetime
+
+    import timm
+    import torch
+
+    return dict(date=datetime.date.today().isoformat(), cpu=cpu_name(), threads=torch.get_num_threads(),
+                torch=torch.__version__, timm=timm.__version__)

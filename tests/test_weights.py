@@ -45,8 +45,17 @@ def test_auto_takes_the_shipped_checkpoint_for_its_data_set():
     assert resolve_auto('lkca_mobilenet_dw3', 'lookalike')[0] == 'base'  # none shipped for that model
 
 
+def test_auto_on_a_folder_of_photos_takes_the_photo_checkpoint_online_and_offline(tmp_path, monkeypatch):
+    (tmp_path / 'a').mkdir()
+    for online in (False, True):
+        monkeypatch.setattr(factory, 'imagenet_available', lambda name, online=online: (online, 'either'))
+        chosen, why = resolve_auto('lkca_mobilenet', str(tmp_path))
+        assert chosen == str(SHIPPED['photos'].path) and 'distilled from ImageNet' in why
+
+
 def test_auto_on_a_folder_of_photos_never_needs_base_classes(tmp_path, monkeypatch):
     (tmp_path / 'a').mkdir()
+    monkeypatch.setitem(weights.SHIPPED, 'photos', weights.Shipped('not-shipped', 'photos', 'x', method='distill'))
     monkeypatch.setattr(factory, 'imagenet_available', lambda name: (False, 'offline'))
     chosen, why = resolve_auto('lkca_mobilenet', str(tmp_path))
     assert chosen == str(SHIPPED['lookalike'].path) and 'ImageNet weights unavailable (offline)' in why

@@ -1,9 +1,15 @@
-"""Checkpoints shipped inside the package, each trained by the repository's own command from random initialisation.
+"""Checkpoints shipped inside the package, each trained by the repository's own command.
 
-One entry per data set (`SHIPPED`): the backbone, its file beside this module (fp16 safetensors with the package's
-metadata), the model card next to it (command, data, steps, wall time, machine, val accuracy, sha256), and the
-pretraining recipe that makes it. ``make weights`` runs that recipe and `ship` writes both files; `shipped_checkpoint`
-checks the file against its card's hash before anything loads it.
+One entry per kind of data (`SHIPPED`): the backbone, its file beside this module (fp16 safetensors with the
+package's metadata), the model card next to it (command, data, steps, wall time, machine, val figures, sha256), and the
+pretraining recipe that makes it:
+
+- ``lookalike``: from random initialisation on the look-alike base classes (``make weights``);
+- ``photos``: distilled from ImageNet MobileNetV3-Small on offline photos, starting from its transplant (``make
+  distill``): the starting point of a folder of real photos.
+
+`ship` writes both files from a finished run; `shipped_checkpoint` checks the file against its card's hash before
+anything loads it.
 
 Example:
     >>> path = shipped_checkpoint('lookalike')  # doctest: +SKIP
@@ -29,6 +35,8 @@ class Shipped:
     model: str
     data: str
     recipe: str  # the pretraining recipe (fewshot_lkca/recipes/) that trains it
+    method: str = 'supervised'  # the pretraining method of that recipe ('distill': from an ImageNet teacher)
+    make: str = 'make weights'  # the make target that runs it
 
     @property
     def stem(self) -> str:
@@ -43,7 +51,10 @@ class Shipped:
         return WEIGHTS_DIR / f'{self.stem}.json'
 
 
-SHIPPED = {'lookalike': Shipped('lkca_mobilenet', 'lookalike', 'pretrain_lookalike')}
+SHIPPED = {
+    'lookalike': Shipped('lkca_mobilenet', 'lookalike', 'pretrain_lookalike'),
+    'photos': Shipped('lkca_mobilenet', 'photos', 'pretrain_distill_imagenet', method='distill', make='make distill'),
+}
 
 
 def sha256(path: Path) -> str:

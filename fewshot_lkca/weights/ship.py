@@ -1,7 +1,9 @@
 """``python -m fewshot_lkca.weights.ship RUN_DIR``: turn a finished pretraining run into the shipped checkpoint.
 
-Writes ``fewshot_lkca/weights/<model>-<data>.safetensors`` (the run's best.safetensors in fp16, classifier dropped)
-and its model card ``<model>-<data>.json``: the command, data, steps, wall time, machine, val accuracy and sha256.
+Writes ``fewshot_lkca/weights/<model>-<data>.safetensors`` (the run's best.safetensors in fp16; the base classes'
+classifier dropped, a distilled model keeps its ImageNet classifier) and its model card ``<model>-<data>.json``: the
+command, data, steps, wall time, machine, val figures and sha256; for a distilled model also the teacher, the source
+weights and the photos, each with its sha256 or licence.
 """
 import argparse
 import json
@@ -33,28 +35,64 @@ def ship(run_dir: str | Path, data: str = 'lookalike', command: str = '') -> dic
         raise ShippedWeightsError(f'{run_dir} is not a finished pretraining run with {BEST_FILE}')
     config = json.loads((run_dir / CONFIG_FILE).read_text())
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
-    if config['model'] != entry.model or config['data'] != data or config['weights'] != 'random':
-        raise ShippedWeightsError(f'{run_dir}: a shipped {data} checkpoint is {entry.model} from random '
-                                  f"initialisation, this run is {config['model']} on {config['data']} from "
+    distilled = entry.method == 'distill'
+    fits = config['model'] == entry.model and config['method'] == entry.method and (
+        distilled or (config['data'] == data and config['weights'] == 'random'))
+    if not fits:
+        want = 'distilled from an ImageNet teacher' if distilled else f'on {data} from random initialisation'
+        raise ShippedWeightsError(f"{run_dir}: a shipped {data} checkpoint is {entry.model} {want}, this run is "
+                                  f"{config['model']} ({config['method']}) on {config['data']} from "
                                   f"{config['weights']}")
     tensors, meta = load_checkpoint(run_dir / BEST_FILE)
-    half = {k: v.to(torch.float16) for k, v in tensors.items() if not k.startswith('classifier.')}
-    meta = dict(meta, kind='shipped', classes=[], precision='fp16')  # the base classes' head is not shipped
+    # the base classes' head is not shipped; a distilled model keeps the teacher's classes (ImageNet's)
+    half = {k: v.to(torch.float16) for k, v in tensors.items() if distilled or not k.startswith('classifier.')}
+    meta = dict(meta, kind='shipped', classes=[], precision='fp16')
     save_checkpoint(entry.path, half, meta)
     best = metrics['val']['best']
+    if distilled:
+        origin = distill_origin(config)
+        protocol = f"top-1 agreement with the teacher, {metrics['val']['views']} views of held-out photos"
+    else:
+        origin = dict(weights='random initialisation')
+        protocol = (f"{config['val_n_way']}-way {config['val_k_shot']}-shot, {config['val_n_query']} queries, nearest "
+                    f"class mean, {config['val_episodes']} episodes")
     card = dict(
-        model=entry.model, data=data, split=config['split'], weights='random initialisation',
-        command=command or f'make weights (python -m fewshot_lkca.pretrain --recipe {entry.recipe}, then python -m '
-                           f'fewshot_lkca.weights.ship RUN_DIR)', recipe=entry.recipe,
+        model=entry.model, data=data, split=config['split'], **origin,
+        command=command or f'{entry.make} (python -m fewshot_lkca.pretrain --recipe {entry.recipe}, then python -m '
+                           f'fewshot_lkca.weights.ship RUN_DIR --data {data})', recipe=entry.recipe,
         config=config, steps=config['steps'], best_step=best['step'], train_seconds=round(metrics['train_seconds']),
         machine=dict(cpu=cpu_name(), python=platform.python_version(), torch=torch.__version__),
-        val=dict(split=config['val_split'], protocol=f"{config['val_n_way']}-way {config['val_k_shot']}-shot, "
-                 f"{config['val_n_query']} queries, nearest class mean, {config['val_episodes']} episodes",
-                 accuracy=best['mean'], ci95=best['ci95']),
+        val=dict(split=metrics['val']['split'] if distilled else config['val_split'], protocol=protocol,
+                 accuracy=best['mean'], ci95=best['ci95'], **{k: best[k] for k in ('cosine', 'top5') if k in best}),
         date=time.strftime('%Y-%m-%d'), file=entry.path.name, precision='fp16', size_bytes=entry.path.stat().st_size,
         sha256=sha256(entry.path))
     write_card(card, entry.card_path)
     return card
+
+
+def distill_origin(config: dict) -> dict:
+    """Where a distilled model came from: the student's start, the teacher, and the photos (per folder: count and
+    the licences its copyright file states), each file with its sha256."""
+    from ..pretrain.distill import IMAGE_SUFFIXES
+
+    def file_facts(path: str) -> dict:
+        p = Path(path)
+        return dict(path=p.name, sha256=sha256(p)) if p.is_file() else dict(path=path)
+
+    photos = []
+    root = Path(config['data'])
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        count = sum(1 for f in folder.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES)
+        copyright_file = folder / 'copyright'
+        licences = sorted({line.split(':', 1)[1].strip() for line in copyright_file.read_text(errors='replace')
+                           .splitlines() if line.startswith('License:')}) if copyright_file.is_file() else []
+        photos.append(dict(source=f'Debian package {folder.name}', images=count, licences=licences))
+    return dict(
+        weights=f"transplant of {config['teacher']} ImageNet weights (timm's {config['teacher']}.in1k)",
+        start=file_facts(config['weights']),
+        teacher=dict(name=config['teacher'], **file_facts(config['teacher_weights'] or ''),
+                     licence='apache-2.0 (timm pretrained_cfg)'),
+        photos=photos)
 
 
 def write_card(card: dict, path: Path) -> None:
@@ -74,15 +112,25 @@ def write_card_markdown(card: dict, path: Path) -> None:
     """The model card for people: the same facts as the JSON card beside it."""
     val = card['val']
     origin = f"`{card['model']}` trained from {card['weights']} on the {card['split']} classes of `{card['data']}`."
+    if 'teacher' in card:
+        teacher, start = card['teacher'], card['start']
+        origin = (f"`{card['model']}` (pad_type {card['config']['pad_type'] or 'symmetric'}) distilled from "
+                  f"`{teacher['name']}` ({teacher['path']}, sha256 `{teacher.get('sha256', '?')}`, licence "
+                  f"{teacher['licence']}), starting from its {card['weights']} ({start['path']}).\n\nPhotos (only "
+                  'the weights are shipped, no image): ' + '; '.join(
+                      f"{p['source']}: {p['images']} images ({', '.join(p['licences']) or 'licence not stated'})"
+                      for p in card['photos']))
     lines = [f"# {card['file']}", '', origin, '', f"- command: `{card['command']}`",
              f"- training: {card['steps']} steps (best on val at step {card['best_step']}), {card['train_seconds']} s "
              f"on {card['machine']['cpu']} (torch {card['machine']['torch']}), {card['date']}",
-             f"- val ({val['split']} classes, {val['protocol']}): {100 * val['accuracy']:.1f} +- "
-             f"{100 * val['ci95']:.1f} %",
+             f"- val ({val['split']}{'' if 'teacher' in card else ' classes'}, {val['protocol']}): "
+             f"{100 * val['accuracy']:.1f} +- {100 * val['ci95']:.1f} %"
+             + (f", feature cosine {val['cosine']:.3f}" if 'cosine' in val else ''),
              f"- file: {card['precision']}, {card['size_bytes'] / 1e6:.2f} MB, sha256 `{card['sha256']}`"]
     for k, r in sorted((card.get('default_recipe') or {}).items()):
         lines.append(f"- the job's default recipe, {k}-shot: {100 * r['mean']:.1f} +- {100 * r['ci95']:.1f} % over "
                      f"{r['tasks']} {r['split']} tasks (`{r['command']}`)")
+    lines += [f"- {e['text']} (`{e['command']}`)" for e in card.get('evidence', {}).values()]
     atomic_write(path, lambda tmp: tmp.write_text('\n'.join(lines) + '\n'))
 
 
@@ -92,6 +140,15 @@ def record_benchmark(data: str, k_shot: int, result: dict) -> dict:
     entry = SHIPPED[data]
     card = json.loads(entry.card_path.read_text())
     card.setdefault('default_recipe', {})[str(k_shot)] = result
+    write_card(card, entry.card_path)
+    return card
+
+
+def record_evidence(data: str, key: str, text: str, command: str) -> dict:
+    """Add (or replace) one measured line of evidence on the model card, with the command that measured it."""
+    entry = SHIPPED[data]
+    card = json.loads(entry.card_path.read_text())
+    card.setdefault('evidence', {})[key] = dict(text=text, command=command, date=time.strftime('%Y-%m-%d'))
     write_card(card, entry.card_path)
     return card
 
