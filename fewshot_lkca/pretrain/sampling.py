@@ -12,8 +12,9 @@ from .config import PretrainConfig
 __all__ = ['StepSampler', 'StepData']
 
 # derive_seed streams: (seed, EPOCH, epoch) permutations, (seed, MIRROR, step) flips of a batch, (seed, EPISODE_MIRROR,
-# episode) flips of an episode, (seed, STEP, step, chunk) the torch seed of a micro-batch (dropout and the like)
-EPOCH, MIRROR, EPISODE_MIRROR, STEP = 0, 1, 2, 3
+# episode) flips of an episode, (seed, STEP, step, chunk) the torch seed of a micro-batch (dropout and the like),
+# (seed, VIEW, step, chunk) the random views of a micro-batch (distillation's augmentation)
+EPOCH, MIRROR, EPISODE_MIRROR, STEP, VIEW = 0, 1, 2, 3, 4
 
 
 class StepSampler:
@@ -79,6 +80,8 @@ class StepData(torch.utils.data.Dataset):
         cfg = self.cfg
         micro = []
         for c in self.chunks:
+            if hasattr(self.transform, 'set_random_seed'):  # random views: the same after a resume
+                self.transform.set_random_seed(derive_seed(cfg.seed, VIEW, step, c))
             images, labels, layouts = [], torch.zeros(0, dtype=torch.long), []
             if self.sampler is not None:
                 idx, flips = self.sampler.chunk(step, c), self.sampler.mirror(step, c) & cfg.mirror
