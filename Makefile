@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test demo env lint bench weights clean-env
+.PHONY: test demo env lint bench weights distill clean-env
 
 env: $(INSTALLED)
 
@@ -20,7 +20,7 @@ $(VENV)/.learn2learn: $(PY) constraints.txt scripts/install_learn2learn.sh
 
 # The device extra (ExecuTorch, NCNN: ~0.5 GB, 30 s) is installed too, so that tests cover every export format.
 $(INSTALLED): $(VENV)/.learn2learn pyproject.toml
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,plots,device]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,plots,device,teachers]"
 	touch $@
 
 # timm's own tests/test_models.py for the installed timm (from its sdist): tests/test_timm_contract.py runs it.
@@ -38,6 +38,19 @@ demo: $(INSTALLED)
 weights: $(INSTALLED)
 	$(PY) -m fewshot_lkca.pretrain --recipe pretrain_lookalike --out runs/shipped-lookalike --overwrite --no-progress
 	$(PY) -m fewshot_lkca.weights.ship runs/shipped-lookalike
+
+# The shipped photo starting point (fewshot_lkca/weights/lkca_mobilenet-photos.md): the transplant of ImageNet
+# MobileNetV3-Small distilled from that network on offline photos (Debian packages, fetched by the script). The source
+# weights are timm's tf_mobilenetv3_small_100.in1k state_dict: MNV3_WEIGHTS=PATH, else ../shared's copy, else timm's hub.
+# A killed run resumes where it stopped.
+MNV3_WEIGHTS ?= $(wildcard ../shared/weights/tf_mobilenetv3_small_100.in1k.pth)
+DISTILL_RUN := runs/distill-photos
+distill: $(INSTALLED)
+	bash scripts/fetch_distill_images.sh data/distill-images
+	if [ -f $(DISTILL_RUN)/train_state.pt ]; then $(PY) -m fewshot_lkca.pretrain --resume $(DISTILL_RUN) --no-progress; \
+	else $(PY) -m fewshot_lkca.pretrain --recipe pretrain_distill_imagenet --weights $(or $(MNV3_WEIGHTS),imagenet) \
+	  --teacher_weights=$(MNV3_WEIGHTS) --out $(DISTILL_RUN) --overwrite --no-progress; fi
+	$(PY) -m fewshot_lkca.weights.ship $(DISTILL_RUN) --data photos
 
 # Benchmarks print Markdown tables for the README (minutes each; see README "Evidence").
 bench: $(INSTALLED)
