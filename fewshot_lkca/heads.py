@@ -6,7 +6,7 @@ from .layers import CoordAttentionExport
 from .metadata import HEAD_INITIALIZER
 
 __all__ = ['CosineHead', 'CosineHeadExport', 'FewShotClassifier', 'MirrorViewsExport', 'ExportForm', 'export_form',
-           'class_prototypes']
+           'static_padding', 'class_prototypes']
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -139,11 +139,49 @@ class MirrorViewsExport(nn.Module):
         return self.head(self.features(x))
 
 
-def export_form(model: nn.Module, width: int | None = None) -> nn.Module:
+def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's 'same' padding of one axis: (before, after), the extra pixel after."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def static_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with every TensorFlow-'same' conv (timm's `Conv2dSame`, which computes its padding from the
+    input's shape at run time) as a constant zero pad + an unpadded conv, for inputs of ``example``'s size: exports
+    then hold no shape arithmetic (NCNN cannot run it). ``model`` itself when it has no such conv."""
+    import copy
+
+    from timm.layers import Conv2dSame
+
+    if not any(isinstance(m, Conv2dSame) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    sizes, hooks = {}, []
+    for m in model.modules():
+        if isinstance(m, Conv2dSame):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args: sizes.__setitem__(mod, args[0].shape[-2:])))
+    with torch.no_grad():
+        model.eval()(example[:1])
+    for h in hooks:
+        h.remove()
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, Conv2dSame):
+                (h, w), (kh, kw), (sh, sw), (dh, dw) = sizes[child], child.kernel_size, child.stride, child.dilation
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                                 child.dilation, child.groups, child.bias is not None)
+                conv.load_state_dict(child.state_dict())
+                pads = _same_pads(w, kw, sw, dw) + _same_pads(h, kh, sh, dh)  # (left, right, top, bottom)
+                setattr(module, name, nn.Sequential(nn.ZeroPad2d(pads), conv))
+    return model
+
+
+def export_form(model: nn.Module, width: int | None = None, example: torch.Tensor | None = None) -> nn.Module:
     """What the ONNX and ExecuTorch exports trace: a copy of ``model`` computing the same function in ops device
     runtimes run well (``model`` itself when nothing changes): every coordinate attention as `CoordAttentionExport`,
     a cosine head as `CosineHeadExport`, and, given the input ``width``, a mirror-views classifier as
-    `MirrorViewsExport` (ExecuTorch gives it: one XNNPACK segment instead of four).
+    `MirrorViewsExport` (ExecuTorch gives it: one XNNPACK segment instead of four); given an ``example`` input,
+    TensorFlow-'same' convs with constant pads for its size (`static_padding`).
 
     Measured on lkca_mobilenet (shipped checkpoint, batch 1, 1 thread, AMD EPYC, 2026-12-04): ExecuTorch 28 delegate
     segments -> 1, fp32 0.90 -> 0.60 ms and int8 0.85 -> 0.53 ms at 96 px; onnxruntime fp32 1.50 -> 1.18 ms at 96 px,
@@ -156,6 +194,8 @@ def export_form(model: nn.Module, width: int | None = None) -> nn.Module:
     def mirrored(m):
         return isinstance(m, FewShotClassifier) and m.mirror_views and width is not None
 
+    if example is not None:
+        model = static_padding(model, example)
     if not any(isinstance(m, (CoordAttn, CosineHead)) or mirrored(m) for m in model.modules()):
         return model
     model = CoordAttentionExport.of(copy.deepcopy(model))

@@ -146,7 +146,7 @@ def export_executorch(model: nn.Module, path: Path, example: torch.Tensor, calib
     with EvalMode(model), torch.no_grad():
         references = {k: run_in_batches(lambda b: pytorch_logits(model, b), v, len(example)) for k, v in sets.items()}
         try:
-            traced = export_form(model, example.shape[-1]).eval()  # ops XNNPACK delegates (one segment)
+            traced = export_form(model, example.shape[-1], example).eval()  # ops XNNPACK delegates (one segment)
             if calibration is None:
                 exported = torch.export.export(traced, (example,))
             else:

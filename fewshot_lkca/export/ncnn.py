@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..heads import static_padding
 from .device import (
     EvalMode,
     RuntimeExportError,
@@ -79,7 +80,8 @@ def export_ncnn(model: nn.Module, path: Path, example: torch.Tensor) -> dict:
                     # which torch 2.14 marks deprecated (FutureWarning): pnnx also reads ONNX if trace goes away.
                     warnings.simplefilter('ignore', torch.jit.TracerWarning)
                     warnings.simplefilter('ignore', FutureWarning)
-                    traced = torch.jit.trace(model, (example,))
+                    # TF-'same' pads as constants for the example's size: NCNN runs no shape arithmetic
+                    traced = torch.jit.trace(static_padding(model, example).eval(), (example,))
             except Exception as e:  # tracing raises many types
                 raise RuntimeExportError(f'NCNN export: torch.jit.trace failed: {first_line(e)}') from e
         traced.save(str(tmp / 'model.pt'))

@@ -34,10 +34,10 @@ def export_onnx(model, example, output_name: str | tuple[str, ...] = 'logits'):
 
     # Ops onnxruntime runs well (same function). No width: onnxruntime's flip (a Slice) beat the mirror views'
     # product with the anti-identity (1.73 vs 1.87 ms, lkca_mobilenet classifier, 96 px, 1 thread, AMD EPYC).
-    model = export_form(model)
-    output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     if example.shape[0] < 2:
         example = example.repeat(2, 1, 1, 1)
+    model = export_form(model, example=example)
+    output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the exporter's deprecation and tracing notes are not the user's business
