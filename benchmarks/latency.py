@@ -148,10 +148,14 @@ def _batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: 
 
 
 def _build(name: str, weights: Path | None):
-    """The pre-logits feature extractor of ``name``, ImageNet weights (transplanted for LKCA models) when given."""
+    """The pre-logits feature extractor of ``name``, ImageNet weights (transplanted for LKCA models) when given;
+    ``NAME@same`` builds it with TensorFlow's 'same' padding (the distilled photo checkpoint's)."""
     import fewshot_lkca
 
+    name, _, pad_type = name.partition('@')
     kwargs = dict(weights=str(weights)) if weights else {}
+    if pad_type:
+        kwargs['pad_type'] = pad_type
     return fewshot_lkca.create_backbone(name, num_classes=0, **kwargs).eval()
 
 
@@ -441,7 +445,8 @@ def format_table(records: Sequence[dict], size: int, threads: Sequence[int]) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m benchmarks.latency', description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--models', default=','.join(DEFAULT_MODELS), help='comma-separated timm model names')
+    parser.add_argument('--models', default=','.join(DEFAULT_MODELS),
+                        help="comma-separated timm model names; NAME@same: with pad_type='same'")
     parser.add_argument('--runtimes', default=','.join(RUNTIMES),
                         help='comma-separated, of ' + ', '.join(RUNTIMES) + ' (torch is always measured: the '
                         'reference of agreement); ExecuTorch is skipped with a note when its extra is absent')

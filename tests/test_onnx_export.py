@@ -46,3 +46,39 @@ def test_lkca_mobilenet_exports_with_dynamic_batch(tmp_path):
         (y,) = session.run(None, {'x': x.numpy()})
         with torch.no_grad():
             np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize('size', [64, 65])
+def test_tf_same_padding_becomes_constant_pads_with_the_same_function(size):
+    """`static_padding`: timm's run-time 'same' padding as constant pads for the export's size, even and odd."""
+    from timm.layers import Conv2dSame
+
+    from fewshot_lkca.heads import static_padding
+
+    model = timm.create_model('lkca_mobilenet_050', num_classes=5, pad_type='same')
+    _randomise_attention(model)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    fixed = static_padding(model, x)
+    assert any(isinstance(m, Conv2dSame) for m in model.modules())  # the original is untouched
+    assert not any(isinstance(m, Conv2dSame) for m in fixed.modules())
+    with torch.no_grad():
+        assert torch.equal(fixed(x), model(x))
+    plain = timm.create_model('lkca_mobilenet_050', num_classes=5)
+    assert static_padding(plain, x) is plain  # nothing to do: the model itself
+
+
+@pytest.mark.slow
+def test_a_tf_padded_classifier_exports_to_onnx_with_the_same_numbers(tmp_path):
+    from fewshot_lkca.export.onnx import export_onnx
+
+    model = timm.create_model('lkca_mobilenet_050', num_classes=5, pad_type='same')
+    _randomise_attention(model)
+    model.eval()
+    x = torch.randn(3, 3, 64, 64)
+    proto = export_onnx(model, x[:2])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=['CPUExecutionProvider'])
+    (y,) = session.run(None, {'image': x.numpy()})
+    assert not any(n.op_type == 'Shape' for n in proto.graph.node)  # constant pads: no shape arithmetic left
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-3, atol=1e-4)
