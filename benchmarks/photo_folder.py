@@ -56,15 +56,19 @@ def run_task(root: Path, weights: str, unseen: list[tuple[Path, str]]) -> dict:
     if done.returncode != 0:
         raise SystemExit(f'finetune failed: {done.stderr.strip().splitlines()[-1:]}')
     start_line = next((line for line in done.stdout.splitlines() if line.startswith('starting point')), '')
-    pred = subprocess.run([sys.executable, '-m', 'fewshot_lkca.predict', str(run / 'model.int8.onnx'),
-                           *[str(p) for p, _ in unseen], '--json'], capture_output=True, text=True)
-    results = json.loads(pred.stdout)['results']
-    correct = sum(r['top'][0]['label'] == name for r, (_, name) in zip(results, unseen, strict=True))
+    top1 = {}
+    for model in ('model.int8.onnx', 'model.onnx'):
+        pred = subprocess.run([sys.executable, '-m', 'fewshot_lkca.predict', str(run / model),
+                               *[str(p) for p, _ in unseen], '--json'], capture_output=True, text=True)
+        top1[model] = [r['top'][0]['label'] for r in json.loads(pred.stdout)['results']]
+    names = [name for _, name in unseen]
+    accuracy = float(np.mean([a == b for a, b in zip(top1['model.int8.onnx'], names, strict=True)]))
     estimate = json.loads((run / 'metrics.json').read_text())['estimate']
-    accuracy = correct / len(unseen)
     low, high = estimate['ci95']
     return dict(unseen_accuracy=accuracy, unseen=len(unseen), estimate=estimate['accuracy'], estimate_ci95=[low, high],
-                inside_estimate=low <= accuracy <= high, starting_point=start_line)
+                inside_estimate=low <= accuracy <= high, starting_point=start_line,
+                fp32_accuracy=float(np.mean([a == b for a, b in zip(top1['model.onnx'], names, strict=True)])),
+                int8_agreement=float(np.mean([a == b for a, b in zip(*top1.values(), strict=True)])))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,11 +95,14 @@ def main(argv: list[str] | None = None) -> None:
         records.append(record)
         print(f"task {task}: unseen {100 * record['unseen_accuracy']:.1f} % of {record['unseen']}, estimate "
               f"{100 * record['estimate']:.1f} % ({100 * record['estimate_ci95'][0]:.0f}-"
-              f"{100 * record['estimate_ci95'][1]:.0f} %), inside: {record['inside_estimate']}", flush=True)
+              f"{100 * record['estimate_ci95'][1]:.0f} %), inside: {record['inside_estimate']}; int8 agrees with fp32 "
+              f"on {100 * record['int8_agreement']:.1f} %", flush=True)
     mean = float(np.mean([r['unseen_accuracy'] for r in records]))
     inside = sum(r['inside_estimate'] for r in records)
-    print(f'mean unseen accuracy {100 * mean:.1f} % over {len(records)} tasks; inside the estimate: {inside} of '
-          f'{len(records)}; {records[0]["starting_point"]}')
+    agree = float(np.mean([r['int8_agreement'] for r in records]))
+    print(f'mean unseen accuracy {100 * mean:.1f} % over {len(records)} tasks (int8; fp32 '
+          f'{100 * np.mean([r["fp32_accuracy"] for r in records]):.1f} %, int8 agreement {100 * agree:.1f} %); inside '
+          f'the estimate: {inside} of {len(records)}; {records[0]["starting_point"]}')
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != 'json'}
         args.json.write_text(json.dumps(dict(meta=dict(machine(), **settings), records=records, mean=mean),
