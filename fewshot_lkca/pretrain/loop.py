@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..checkpoint import model_args, save_checkpoint
-from ..config import ConfigError
 from ..metadata import preprocessing
 from ..models import create_backbone
 from ..rundir import (
@@ -27,20 +26,16 @@ from ..rundir import (
     save_state,
 )
 from ..seeding import derive_seed
-from ..task import dataset_options, default_out, input_size, is_folder
+from ..task import default_out
 from ..train import Dist, StopRequest, create_optimizer, create_scheduler, init_distributed, prototypical_loss
 from ..train.distributed import params_max_diff
 from .config import PretrainConfig
-from .distill import VIEWS_PER_PHOTO, distill_net, distill_transform, net_module, photo_data
-from .sampling import STEP, StepData, StepSampler
+from .distill import VIEWS_PER_PHOTO, distill_net, distill_transform, net_module
+from .sampling import STEP, PretrainData, StepData, load_data
 
 __all__ = ['pretrain_command']
 
 _logger = logging.getLogger(__name__)
-
-# fresh_renders: instances per class to draw from; more than a run reads (70k steps x 64 images / 44 classes)
-FRESH_RENDERS_PER_CLASS = 100_000
-
 
 class _Net(nn.Module):
     """One forward per micro-batch (as DDP needs): logits of the first ``n_sup`` images, pre-logits of the rest."""
@@ -133,64 +128,7 @@ def _val_accuracy(net: nn.Module, backbone: nn.Module, val, transform, cfg: Pret
     return mean_ci(accs).as_dict()
 
 
-def _rotation_options(cfg: PretrainConfig) -> dict:
-    """``rotations=True`` for the training split's reader; only the Omniglot reader knows the option."""
-    if not cfg.rotations:
-        return {}
-    from ..data import get_card
-
-    if is_folder(cfg.data) or get_card(cfg.data)['reader'] != 'omniglot':
-        raise ConfigError(f"rotations=true applies to Omniglot only, not to '{cfg.data}'")
-    return dict(rotations=True)
-
-
-@dataclass
-class _Data:
-    """Everything a rank trains and validates on."""
-    base: object
-    val: object
-    size: int
-    chunks: list[int]  # this rank's chunk numbers of every step
-    n_chunks: int
-    sampler: StepSampler | None
-    episodes: object
-
-
-def _load_data(cfg: PretrainConfig, dist: Dist) -> _Data:
-    """Data first, on every rank: bad data fails here, before a run directory is written."""
-    from ..data import EpisodeSampler, get_dataset, usable_classes
-
-    if cfg.distill:
-        base, val, size = photo_data(cfg)
-        n_chunks = dist.world_size * cfg.accum_steps
-        chunks = [dist.rank * cfg.accum_steps + a for a in range(cfg.accum_steps)]
-        return _Data(base, val, size, chunks, n_chunks, StepSampler(len(base), cfg.batch_size, n_chunks, cfg.seed),
-                     None)
-    options = dataset_options(cfg.data, cfg.image_size, cfg.images_per_class)
-    if cfg.fresh_renders:
-        options = dict(options, images_per_class=FRESH_RENDERS_PER_CLASS, cache=False)
-    base = get_dataset(cfg.data, split=cfg.split, **options, **_rotation_options(cfg))
-    # val: the card's own images (the same ones whatever the training data), rendered once
-    val = get_dataset(cfg.data, split=cfg.val_split, **dataset_options(cfg.data, cfg.image_size)) if cfg.val_split \
-        else None
-    if val is not None:
-        usable_classes(val.targets, cfg.val_n_way, cfg.val_k_shot, cfg.val_n_query, val.classes, drop_small=True,
-                       warn=False, where=f"'{cfg.data}' ({cfg.val_split})",
-                       hint="val episodes: lower --val_n_way, --val_k_shot or --val_n_query, or set --val_split=''")
-    size, _ = input_size(cfg.data, cfg.image_size, base)
-    n_chunks = dist.world_size * cfg.accum_steps
-    chunks = [dist.rank * cfg.accum_steps + a for a in range(cfg.accum_steps)]
-    sampler = StepSampler(len(base), cfg.batch_size, n_chunks, cfg.seed) if cfg.supervised else None
-    episodes = None
-    if cfg.episodic:
-        if cfg.episodes_per_step % n_chunks:
-            raise ConfigError(f'episodes_per_step {cfg.episodes_per_step} must split evenly over {n_chunks} chunks '
-                              '(world size x accum_steps)')
-        episodes = EpisodeSampler(base, cfg.n_way, cfg.k_shot, cfg.n_query, seed=cfg.seed)
-    return _Data(base, val, size, chunks, n_chunks, sampler, episodes)
-
-
-def _build_net(cfg: PretrainConfig, data: _Data, dist: Dist, log) -> tuple[nn.Module, nn.Module, str, dict]:
+def _build_net(cfg: PretrainConfig, data: PretrainData, dist: Dist, log) -> tuple[nn.Module, nn.Module, str, dict]:
     """The network to step (DDP-ready), its backbone, where its weights came from, and its checkpoint metadata."""
     if cfg.distill:
         net = distill_net(cfg, _build_backbone, data.size)
@@ -230,7 +168,7 @@ class _Loop:
     net: nn.Module
     backbone: nn.Module
     opt: torch.optim.Optimizer
-    data: _Data
+    data: PretrainData
     transform: object
     meta: dict
     trained: nn.Module  # what the optimizer steps: the backbone, or (distillation) the student and its projection
@@ -339,7 +277,7 @@ def _train(cfg: PretrainConfig, run: RunDir, resuming: bool, dist: Dist, progres
     from ..data import eval_transform
     from ..plots import plot_training_curve
 
-    data = _load_data(cfg, dist)
+    data = load_data(cfg, dist)
     net, backbone, origin, meta = _build_net(cfg, data, dist, log)
     trained = net.trained() if cfg.distill else backbone
     opt = create_optimizer(trained, 'adamw', cfg.lr, cfg.weight_decay)

@@ -1,20 +1,29 @@
 """What each pretraining step trains on: a pure function of (seed, step), whatever the number of processes.
 
+`load_data` reads the training and val data of a config (a data set's splits, or distillation's photos);
 `StepSampler` cuts every epoch's permutation into global batches and each batch into equal chunks, one per (rank,
 micro-batch); `StepData` loads one rank's chunks of a step (supervised images, and/or whole episodes), ready to train.
 """
+from dataclasses import dataclass
+
 import torch
 
 from ..config import ConfigError
 from ..seeding import derive_seed
+from ..task import dataset_options, input_size, is_folder
+from ..train import Dist
 from .config import PretrainConfig
+from .distill import photo_data
 
-__all__ = ['StepSampler', 'StepData']
+__all__ = ['StepSampler', 'StepData', 'PretrainData', 'load_data']
 
 # derive_seed streams: (seed, EPOCH, epoch) permutations, (seed, MIRROR, step) flips of a batch, (seed, EPISODE_MIRROR,
 # episode) flips of an episode, (seed, STEP, step, chunk) the torch seed of a micro-batch (dropout and the like),
 # (seed, VIEW, step, chunk) the random views of a micro-batch (distillation's augmentation)
 EPOCH, MIRROR, EPISODE_MIRROR, STEP, VIEW = 0, 1, 2, 3, 4
+
+# fresh_renders: instances per class to draw from; more than a run reads (70k steps x 64 images / 44 classes)
+FRESH_RENDERS_PER_CLASS = 100_000
 
 
 class StepSampler:
@@ -98,3 +107,60 @@ class StepData(torch.utils.data.Dataset):
                 layouts.append((torch.tensor(plan.support_y), torch.tensor(plan.query_y)))
             micro.append(dict(images=torch.stack(images), labels=labels, episodes=layouts))
         return micro
+
+
+def _rotation_options(cfg: PretrainConfig) -> dict:
+    """``rotations=True`` for the training split's reader; only the Omniglot reader knows the option."""
+    if not cfg.rotations:
+        return {}
+    from ..data import get_card
+
+    if is_folder(cfg.data) or get_card(cfg.data)['reader'] != 'omniglot':
+        raise ConfigError(f"rotations=true applies to Omniglot only, not to '{cfg.data}'")
+    return dict(rotations=True)
+
+
+@dataclass
+class PretrainData:
+    """Everything a rank trains and validates on."""
+    base: object
+    val: object
+    size: int
+    chunks: list[int]  # this rank's chunk numbers of every step
+    n_chunks: int
+    sampler: StepSampler | None
+    episodes: object
+
+
+def load_data(cfg: PretrainConfig, dist: Dist) -> PretrainData:
+    """Data first, on every rank: bad data fails here, before a run directory is written."""
+    from ..data import EpisodeSampler, get_dataset, usable_classes
+
+    if cfg.distill:
+        base, val, size = photo_data(cfg)
+        n_chunks = dist.world_size * cfg.accum_steps
+        chunks = [dist.rank * cfg.accum_steps + a for a in range(cfg.accum_steps)]
+        sampler = StepSampler(len(base), cfg.batch_size, n_chunks, cfg.seed)
+        return PretrainData(base, val, size, chunks, n_chunks, sampler, None)
+    options = dataset_options(cfg.data, cfg.image_size, cfg.images_per_class)
+    if cfg.fresh_renders:
+        options = dict(options, images_per_class=FRESH_RENDERS_PER_CLASS, cache=False)
+    base = get_dataset(cfg.data, split=cfg.split, **options, **_rotation_options(cfg))
+    # val: the card's own images (the same ones whatever the training data), rendered once
+    val = get_dataset(cfg.data, split=cfg.val_split, **dataset_options(cfg.data, cfg.image_size)) if cfg.val_split \
+        else None
+    if val is not None:
+        usable_classes(val.targets, cfg.val_n_way, cfg.val_k_shot, cfg.val_n_query, val.classes, drop_small=True,
+                       warn=False, where=f"'{cfg.data}' ({cfg.val_split})",
+                       hint="val episodes: lower --val_n_way, --val_k_shot or --val_n_query, or set --val_split=''")
+    size, _ = input_size(cfg.data, cfg.image_size, base)
+    n_chunks = dist.world_size * cfg.accum_steps
+    chunks = [dist.rank * cfg.accum_steps + a for a in range(cfg.accum_steps)]
+    sampler = StepSampler(len(base), cfg.batch_size, n_chunks, cfg.seed) if cfg.supervised else None
+    episodes = None
+    if cfg.episodic:
+        if cfg.episodes_per_step % n_chunks:
+            raise ConfigError(f'episodes_per_step {cfg.episodes_per_step} must split evenly over {n_chunks} chunks '
+                              '(world size x accum_steps)')
+        episodes = EpisodeSampler(base, cfg.n_way, cfg.k_shot, cfg.n_query, seed=cfg.seed)
+    return PretrainData(base, val, size, chunks, n_chunks, sampler, episodes)
