@@ -161,8 +161,7 @@ def distill_net(cfg, build_backbone, size: int) -> 'DistillNet':
     if student.head_hidden_size == teacher.head_hidden_size:  # the transplant's classifier is the source's already
         student.get_classifier().load_state_dict(teacher.get_classifier().state_dict())
     net = DistillNet(student, teacher, TeacherInput(student.pretrained_cfg, teacher.pretrained_cfg, size),
-                     cfg.temperature, cfg.feature_weight, cfg.freeze_bn)
-    net.origin, net.size, net.seed = origin, size, cfg.seed
+                     cfg.temperature, cfg.feature_weight, cfg.freeze_bn, size=size, seed=cfg.seed, origin=origin)
     if cfg.local_steps and not net.pairs:
         raise ConfigError(f'local_steps needs a teacher with the student\'s layout; {cfg.teacher} has none: set '
                           'local_steps=0 or teacher=tf_mobilenetv3_small_100')
@@ -184,11 +183,15 @@ class DistillNet(nn.Module):
         temperature: Of the softened logits (KL).
         feature_weight: Weight of the pre-logits cosine term.
         freeze_bn: Keep the student's BatchNorm statistics (eval-mode BatchNorm while training).
+        size, seed: Input side and seed of the validation views (`views`).
+        origin: Where the student's weights came from, in words (the run's log and checkpoint).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, teacher_input: nn.Module, temperature: float,
-                 feature_weight: float, freeze_bn: bool = True) -> None:
+                 feature_weight: float, freeze_bn: bool = True, size: int = DEFAULT_SIZE, seed: int = 0,
+                 origin: str = '') -> None:
         super().__init__()
+        self.size, self.seed, self.origin = size, seed, origin
         self.student, self.teacher, self.teacher_input = student, teacher, teacher_input
         s_dim, t_dim = student.head_hidden_size, teacher.head_hidden_size
         self.projection = nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim, bias=False)
