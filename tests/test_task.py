@@ -8,7 +8,7 @@ from fewshot_lkca.config import FinetuneConfig
 from fewshot_lkca.data import DataError, ImageDataset, LookalikeDataset, usable_classes
 from fewshot_lkca.evaluate import EvalConfig, _image_size
 from fewshot_lkca.pretrain import PretrainConfig
-from fewshot_lkca.pretrain.loop import _load_data
+from fewshot_lkca.pretrain.sampling import load_data
 from fewshot_lkca.task import PHOTO_SIZE, build_task, input_size
 from fewshot_lkca.train import Dist
 
@@ -42,7 +42,7 @@ def test_every_command_gives_omniglot_the_cards_size(monkeypatch):
     # used the card's 105 px.
     monkeypatch.setattr(data, 'get_dataset', lambda name, split=None, **kw: _Characters(split))
     finetune_size = build_task(FinetuneConfig(data='omniglot', n_way=5, k_shot=1, n_query=5)).image_size
-    pretrain_size = _load_data(PretrainConfig(data='omniglot', batch_size=8, val_k_shot=1, val_n_query=5), Dist()).size
+    pretrain_size = load_data(PretrainConfig(data='omniglot', batch_size=8, val_k_shot=1, val_n_query=5), Dist()).size
     evaluate_size, _ = _image_size(EvalConfig(data='omniglot'), {}, _Characters())
     assert finetune_size == pretrain_size == evaluate_size == 105
 
