@@ -147,13 +147,12 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int,
 
 def static_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """A copy of ``model`` with every TensorFlow-'same' conv (timm's `Conv2dSame`, which computes its padding from the
-    input's shape at run time) as a plain conv with symmetric padding, for inputs of ``example``'s size: exports then
-    hold no shape arithmetic (NCNN cannot run it) and no Pad op. ``model`` itself when it has no such conv.
+    input's shape at run time) as a constant zero pad + an unpadded conv, for inputs of ``example``'s size: exports
+    then hold no shape arithmetic (NCNN cannot run it). ``model`` itself when it has no such conv.
 
-    TF pads ``b`` before and ``a = b + e`` after (e = 0 or 1). The same output comes from padding ``a`` on both sides
-    with a kernel ``e`` taps longer whose first ``e`` rows (columns) are zero: a 3x3 stride-2 conv on an even input
-    becomes a 4x4 one. Measured against a zero pad before the conv (lkca_mobilenet, 224 px, 1 thread, AMD EPYC): the
-    Pad ops cost 14-27 % in onnxruntime and ExecuTorch int8 (`docs/photos.md`).
+    The other exact form, symmetric padding of a kernel one tap longer (4x4 for a 3x3 stride-2 conv on an even
+    input), tied in onnxruntime and ran 2.5x slower in ExecuTorch, where XNNPACK has no fast path for even depthwise
+    kernels (lkca_mobilenet, 224 px, 1 thread, AMD EPYC, 2026-12-08; `docs/photos.md`).
     """
     import copy
 
@@ -173,28 +172,13 @@ def static_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, Conv2dSame):
-                setattr(module, name, _symmetric_conv(child, sizes[child]))
+                (h, w), (kh, kw), (sh, sw), (dh, dw) = sizes[child], child.kernel_size, child.stride, child.dilation
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                                 child.dilation, child.groups, child.bias is not None)
+                conv.load_state_dict(child.state_dict())
+                pads = _same_pads(w, kw, sw, dw) + _same_pads(h, kh, sh, dh)  # (left, right, top, bottom)
+                setattr(module, name, nn.Sequential(nn.ZeroPad2d(pads), conv))
     return model
-
-
-def _symmetric_conv(conv: nn.Conv2d, size: tuple[int, int]) -> nn.Module:
-    """`static_padding` of one conv, for an input of ``size`` (H, W)."""
-    (bh, ah), (bw, aw) = (_same_pads(n, k, s, d) for n, k, s, d in zip(size, conv.kernel_size, conv.stride,
-                                                                        conv.dilation, strict=True))
-    if conv.dilation != (1, 1):  # longer kernels would need their zeros between the taps: pad explicitly
-        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                          conv.groups, conv.bias is not None)
-        plain.load_state_dict(conv.state_dict())
-        return nn.Sequential(nn.ZeroPad2d((bw, aw, bh, ah)), plain)
-    eh, ew = ah - bh, aw - bw
-    kernel = (conv.kernel_size[0] + eh, conv.kernel_size[1] + ew)
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, kernel, conv.stride, (ah, aw), 1, conv.groups,
-                      conv.bias is not None)
-    with torch.no_grad():
-        plain.weight.copy_(nn.functional.pad(conv.weight, (ew, 0, eh, 0)))
-        if conv.bias is not None:
-            plain.bias.copy_(conv.bias)
-    return plain
 
 
 def export_form(model: nn.Module, width: int | None = None, example: torch.Tensor | None = None) -> nn.Module:
