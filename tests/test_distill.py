@@ -69,6 +69,13 @@ def test_a_teacher_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
         load_teacher('tf_efficientnet_lite0')
     with pytest.raises(ConfigError, match='--teacher_weights: no such file'):
         load_teacher('tf_mobilenetv3_small_100', str(tmp_path / 'missing.pth'))
+    import fewshot_lkca.models.factory as factory
+
+    monkeypatch.setattr(factory, '_hub_reachable', lambda: False)  # offline, nothing cached: fails at once
+    monkeypatch.setattr(factory, '_in_hub_cache', lambda hub_id: False)
+    with pytest.raises(ConfigError, match="no weights for teacher tf_mobilenetv3_small_100: timm's hub is neither "
+                                          'reachable nor cached here; .* --teacher_weights PATH'):
+        load_teacher('tf_mobilenetv3_small_100')
 
 
 def test_wheel_weights_map_onto_timm_in_order_and_a_mismatch_is_refused(tmp_path):

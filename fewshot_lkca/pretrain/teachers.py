@@ -102,7 +102,10 @@ def load_teacher(name: str, weights: str = '') -> nn.Module:
         else:
             raise ConfigError(f'no weights for teacher {name}: {entry.how_to_get(name)}')
     except BackboneError as e:
-        raise ConfigError(f'teacher {name}: {e}; get its weights with {entry.how_to_get(name)}') from None
+        if path is None:  # the hub: unreachable and not cached
+            raise ConfigError(f"no weights for teacher {name}: timm's hub is neither reachable nor cached here; "
+                              f'{entry.how_to_get(name)}') from None
+        raise ConfigError(f'teacher {name}: {e}') from None
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
